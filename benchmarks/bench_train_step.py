@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", default="paper", choices=["paper", "release"])
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(teacher=args.teacher, student=args.student, output_dir=out + "/run", device=args.device,
                           batch_size=args.batch_size, resolution=args.resolution, collab_start=None,
+                          profile=args.profile,
                           backbone_weights=[s for s in args.backbone_weights.split(",") if s])
         tr = Trainer(cfg, progress=False)
         b, dev, n = tr.bundle, tr.device, args.batch_size
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         add("teacher_step", lambda: tr.teacher_step(batch, tr._encode(b.text_encoder, batch.prompts), StepOutcome()))
 
         def student_image():
-            return tr.student_one_step(cond, "student")
+            return tr.student_one_step(cond, "student", clamp=False)  # losses see the raw output
 
         add("student_unet_decode", student_image)
         z_st, image = student_image()
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 z = add_noise(z_st, torch.randn_like(z_st), t2.cpu(), tsched.alphas_cumprod)
                 z_tc = teacher_x0(b.teacher_unet, z, t2, cond, tr.uncond, tsched.alphas_cumprod,
                                   tsched.config.prediction_type, cfg.guidance_scale)
-                return decode_latents(b, z_tc.float())
+                return decode_latents(b, z_tc, clamp=False)
 
         add("alignment_target", alignment_target)
         image_tc = alignment_target()

@@ -3,11 +3,14 @@
 Backbones by name, each with its own input size and normalisation:
 
 - ``dino_v1``: timm ``vit_small_patch16_224.dino`` at 224 px, ImageNet mean/std;
-- ``dino_v2``: timm ``vit_small_patch14_dinov2.lvd142m`` (or ``vit_large_...``) at 518 px, ImageNet mean/std;
-- ``clip``: an open_clip vision tower (default ViT-B-16) at 224 px, OpenAI CLIP mean/std.
+- ``dino_v2``: timm ``vit_large_patch14_dinov2.lvd142m`` (the paper's; or ``vit_small_...``) at 518 px;
+- ``clip``: an open_clip vision tower, by default ``ViT-H-14`` ``laion2b_s32b_b79k`` (the image
+  encoder IP-Adapter ships, as in the release) at 224 px, OpenAI CLIP mean/std; optionally followed
+  by IP-Adapter's image projection (4 tokens), whose per-token cosine is the identity feature.
 
-Weights come from a local file, from the hub only when asked (``NAME=hub`` or ``NAME=hub:TAG``),
-or, for the tiny preset, are random tiny models of the same families (``tiny``).
+Weights come from a local file (or, for clip, a transformers ``CLIPVisionModelWithProjection``
+folder such as IP-Adapter's ``models/image_encoder``), from the hub only when asked (``hub`` /
+``hub:TAG``), or, for the tiny preset, are random tiny models of the same families (``tiny``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import open_clip
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
@@ -28,21 +32,56 @@ TIMM_NAMES = {
     ("dino_v2", "small"): "vit_small_patch14_dinov2.lvd142m",
     ("dino_v2", "large"): "vit_large_patch14_dinov2.lvd142m",
 }
+CLIP_DEFAULT_TAGS = {"ViT-H-14": "laion2b_s32b_b79k"}  # other architectures: "openai"
+IP_ADAPTER_HUB = ("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors")
+RESIZE_MODES = ("antialias", "area", "bilinear")
 _TINY_VIT = dict(embed_dim=24, depth=2, num_heads=2)
 
 
-class FrozenBackbone(nn.Module):
-    """Resize + normalise [0, 1] images, then a frozen encoder's pooled feature (B, D).
+def resize_images(images: Tensor, size: int, mode: str) -> Tensor:
+    """Square resize: ``antialias`` (bilinear with antialiasing), ``area`` (the release's
+    discriminators, util_disc.py L41) or ``bilinear`` (the release's identity input, L2390)."""
+    if mode == "area":
+        return F.interpolate(images, size=(size, size), mode="area")
+    if mode in ("antialias", "bilinear"):
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=mode == "antialias")
+    raise ValueError(f"unknown resize mode {mode!r}; choose from {', '.join(RESIZE_MODES)}")
 
-    Gradients flow to the input image (the student needs them); the weights never train.
+
+class ImageProjection(nn.Module):
+    """IP-Adapter's image projection: Linear(D, T·d), then LayerNorm over each of the T tokens."""
+
+    def __init__(self, in_dim: int, tokens: int, token_dim: int) -> None:
+        super().__init__()
+        self.tokens, self.token_dim = tokens, token_dim
+        self.proj = nn.Linear(in_dim, tokens * token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        return self.norm(self.proj(embeds).view(-1, self.tokens, self.token_dim)).flatten(1)
+
+
+class FrozenBackbone(nn.Module):
+    """Resize + normalise images on the [0, 1] scale, then a frozen encoder's feature (B, D).
+
+    The input is never clamped: the trainer feeds the raw decoder output, which overshoots [0, 1],
+    and every pixel must keep its gradient. ``tokens`` is how many equal-size tokens the feature
+    is made of (4 with IP-Adapter's projection), for the per-token identity cosine.
     """
 
-    def __init__(self, name: str, encoder: nn.Module, input_size: int, mean, std, *, normalize: bool = True) -> None:
+    def __init__(self, name: str, encoder: nn.Module, input_size: int, mean, std, *, normalize: bool = True,
+                 resize: str = "antialias", projection: ImageProjection | None = None) -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise OpadError(f"unknown resize mode {resize!r}; choose from {', '.join(RESIZE_MODES)}")
         self.name = name
         self.encoder = encoder.eval().requires_grad_(False)
+        self.projection = projection.eval().requires_grad_(False) if projection is not None else None
         self.input_size = input_size
         self.normalize = normalize
+        self.resize = resize
+        self.tokens = projection.tokens if projection is not None else 1
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -54,13 +93,44 @@ class FrozenBackbone(nn.Module):
         with torch.no_grad():
             return self(torch.zeros(1, 3, 8, 8, device=self.mean.device)).shape[1]
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+    def forward(self, images: Tensor, resize: str | None = None) -> Tensor:
+        x = resize_images(images, self.input_size, resize or self.resize)
         x = (x - self.mean.to(x)) / self.std.to(x) if self.normalize else x * 2 - 1  # release: raw [-1, 1]
-        return self.encoder(x.to(next(self.encoder.parameters()).dtype)).float()
+        features = self.encoder(x.to(next(self.encoder.parameters()).dtype)).float()
+        return self.projection(features) if self.projection is not None else features
 
 
+class _TransformersVision(nn.Module):
+    """A transformers ``CLIPVisionModelWithProjection`` as a plain encoder: pixels -> image_embeds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model(pixel_values=pixels).image_embeds
+
+
+# ---------------------------------------------------------------------------- reading weights
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    """A flat tensor dict from .safetensors or a plain torch file (weights only: never unpickles code)."""
+    if path.endswith(".safetensors"):
+        return safetensors.torch.load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError("the file holds no state dict")
+    return state
+
+
+def _offline_error(what: str, target: str, flag: str, error: Exception) -> OpadError:
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return OpadError(f"could not download {what}: {target}: {reason}; download it elsewhere and pass {flag}")
+
+
+# ---------------------------------------------------------------------------- encoders
 def _timm_encoder(timm_name: str, source: str, seed: int) -> nn.Module:
     if source == "tiny":
         with torch.random.fork_rng(devices=[]):
@@ -71,7 +141,27 @@ def _timm_encoder(timm_name: str, source: str, seed: int) -> nn.Module:
     return timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": source})
 
 
-def _clip_encoder(arch: str, source: str, seed: int) -> nn.Module:
+def _clip_vision_tower(arch: str) -> nn.Module:
+    """The open_clip vision tower of ``arch`` alone (random init; ViT-H-14's text tower is 1.4 GB more)."""
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise OpadError(f"unknown open_clip architecture {arch!r} (--clip-arch), e.g. ViT-H-14 or ViT-B-16")
+    vision_cfg = open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"])
+    return open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+
+
+def _load_clip_visual(arch: str, path: str) -> nn.Module:
+    """An open_clip checkpoint of ``arch``: a whole CLIP state dict or only its visual tower."""
+    state = _read_state_dict(path)
+    if any(k.startswith("visual.") for k in state):
+        state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    visual = _clip_vision_tower(arch)
+    visual.load_state_dict(state, strict=True)
+    return visual
+
+
+def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
+    """(encoder, input size) for the clip backbone."""
     if source == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -80,34 +170,111 @@ def _clip_encoder(arch: str, source: str, seed: int) -> nn.Module:
                 vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=16, image_size=224),
                 text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
             )
-        return model.visual
-    tag = (source.partition(":")[2] or "openai") if source.startswith("hub") else source
-    return open_clip.create_model(arch, pretrained=tag).visual
+        return model.visual, 224
+    if Path(source).is_dir():  # IP-Adapter's models/image_encoder (transformers format)
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=True)
+        return _TransformersVision(model), model.config.image_size
+    if source.startswith("hub"):
+        tag = source.partition(":")[2] or CLIP_DEFAULT_TAGS.get(arch, "openai")
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        if not cfg:
+            raise OpadError(f"open_clip has no pretrained {arch!r} tagged {tag!r}; its tags: "
+                            f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+        where = f"hf-hub:{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "")
+        try:
+            path = open_clip.pretrained.download_pretrained(cfg)
+        except Exception as e:  # noqa: BLE001 - network, offline mode or a hub error: say what was wanted
+            raise _offline_error("the clip backbone", f"open_clip {arch} pretrained {tag!r} ({where})",
+                                 "--backbone-weights clip=FILE", e) from e
+        if not path:
+            raise OpadError(f"could not download the clip backbone: open_clip {arch} pretrained {tag!r} ({where})")
+        if cfg.get("quick_gelu"):  # e.g. OpenAI's weights: open_clip's own loader knows their quirks
+            return open_clip.create_model(arch, pretrained=tag).visual, cfg.get("image_size", 224)
+        return _load_clip_visual(arch, path), open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
+    return _load_clip_visual(arch, source), open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
 
 
-def build_backbone(
-    name: str, source: str, *, dino_v2_size: str = "small", clip_arch: str = "ViT-B-16", normalize: bool = True,
-    seed: int = 0,
-) -> FrozenBackbone:
-    """A frozen backbone; ``source`` is ``tiny``, ``hub`` / ``hub:TAG`` or a weights file."""
-    if source not in ("tiny",) and not source.startswith("hub") and not Path(source).is_file():
-        raise OpadError(f"{name} backbone weights file not found: {source!r}")
+# ---------------------------------------------------------------------------- IP-Adapter projection
+def _ip_adapter_projection(source: str, in_dim: int, seed: int) -> ImageProjection:
+    """IP-Adapter's image projection from ``tiny`` (random, 4 tokens), ``hub`` or a file."""
+    if source == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7)
+            return ImageProjection(in_dim, tokens=4, token_dim=8)
+    if source == "hub":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            source = hf_hub_download(*IP_ADAPTER_HUB)
+        except Exception as e:  # noqa: BLE001
+            raise _offline_error("IP-Adapter's image projection", f"{IP_ADAPTER_HUB[0]} {IP_ADAPTER_HUB[1]}",
+                                 "--ip-adapter FILE", e) from e
+    if not Path(source).is_file():
+        raise OpadError(f"IP-Adapter projection file not found: {source!r}")
     try:
-        if name == "dino_v1":
-            encoder, size, mean, std = _timm_encoder(TIMM_NAMES["dino_v1"], source, seed), 224, IMAGENET_MEAN, IMAGENET_STD
-        elif name == "dino_v2":
-            encoder = _timm_encoder(TIMM_NAMES[("dino_v2", dino_v2_size)], source, seed)
-            size, mean, std = 518, IMAGENET_MEAN, IMAGENET_STD
-        elif name == "clip":
-            encoder = _clip_encoder(clip_arch, source, seed)
-            size, mean, std = 224, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        state = torch.load(source, map_location="cpu", weights_only=True) if not source.endswith(".safetensors") \
+            else safetensors.torch.load_file(source)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        raise OpadError(f"could not read the IP-Adapter projection {source!r}: {e}") from e
+    if isinstance(state.get("image_proj"), dict):  # ip-adapter_sd15.bin: {"image_proj": ..., "ip_adapter": ...}
+        state = state["image_proj"]
+    state = {k.removeprefix("image_proj."): v for k, v in state.items() if not k.startswith("ip_adapter.")}
+    need = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise OpadError(f"{source!r} is not an IP-Adapter image projection: no {', '.join(missing)}")
+    rows, width = state["proj.weight"].shape
+    token_dim = state["norm.weight"].shape[0]
+    if width != in_dim:
+        raise OpadError(f"IP-Adapter projection {source!r} takes {width}-wide image embeddings but the clip "
+                        f"backbone gives {in_dim}; it belongs to another image encoder (IP-Adapter SD1.5's is ViT-H-14)")
+    if rows % token_dim:
+        raise OpadError(f"IP-Adapter projection {source!r}: {rows} outputs are not a whole number of {token_dim}-wide tokens")
+    projection = ImageProjection(in_dim, rows // token_dim, token_dim)
+    projection.load_state_dict({k: state[k] for k in need})
+    return projection
+
+
+# ---------------------------------------------------------------------------- the entry point
+def build_backbone(
+    name: str, source: str, *, dino_v2_size: str = "large", clip_arch: str = "ViT-H-14", normalize: bool = True,
+    resize: str = "antialias", ip_adapter: str | None = None, seed: int = 0,
+) -> FrozenBackbone:
+    """A frozen backbone; ``source`` is ``tiny``, ``hub`` / ``hub:TAG``, a weights file or (clip) a
+    transformers folder; ``ip_adapter`` (clip only) adds IP-Adapter's image projection."""
+    if name not in ("dino_v1", "dino_v2", "clip"):
+        raise OpadError(f"unknown backbone {name!r}; choose from dino_v1, dino_v2, clip")
+    if ip_adapter is not None and name != "clip":
+        raise OpadError(f"the IP-Adapter projection applies to the clip backbone, not {name}")
+    local = source not in ("tiny",) and not source.startswith("hub")
+    if local and not (Path(source).is_file() or (name == "clip" and Path(source).is_dir())):
+        raise OpadError(f"{name} backbone weights file not found: {source!r}")
+    projection = None
+    try:
+        if name == "clip":
+            encoder, size = _clip_encoder(clip_arch, source, seed)
+            mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
         else:
-            raise OpadError(f"unknown backbone {name!r}; choose from dino_v1, dino_v2, clip")
+            timm_name = TIMM_NAMES["dino_v1"] if name == "dino_v1" else TIMM_NAMES[("dino_v2", dino_v2_size)]
+            try:
+                encoder = _timm_encoder(timm_name, source, seed)
+            except Exception as e:  # noqa: BLE001
+                if source.startswith("hub"):
+                    raise _offline_error(f"the {name} backbone", f"timm {timm_name!r} (hf-hub:timm/{timm_name})",
+                                         f"--backbone-weights {name}=FILE", e) from e
+                raise
+            size, mean, std = (224 if name == "dino_v1" else 518), IMAGENET_MEAN, IMAGENET_STD
+        backbone = FrozenBackbone(name, encoder, size, mean, std, normalize=normalize, resize=resize)
+        if ip_adapter is not None:
+            projection = _ip_adapter_projection(ip_adapter, backbone.feature_dim, seed)
     except OpadError:
         raise
-    except Exception as e:  # noqa: BLE001 - timm/open_clip raise many types for a bad file
-        raise OpadError(f"could not load the {name} backbone from {source!r}: {e}") from e
-    return FrozenBackbone(name, encoder, size, mean, std, normalize=normalize)
+    except Exception as e:  # noqa: BLE001 - timm/open_clip/transformers raise many types for a bad file
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise OpadError(f"could not load the {name} backbone from {source!r}: {first}") from e
+    return FrozenBackbone(name, encoder, size, mean, std, normalize=normalize, resize=resize, projection=projection)
 
 
 class DiscriminatorHead(nn.Module):

@@ -14,19 +14,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opad.errors import OpadError
+from opad.profiles import PROFILES, describe_default, profile_defaults
 
 DISCRIMINATORS = ("dino_v1", "dino_v2", "clip")
 ID_ENCODERS = DISCRIMINATORS
+RESIZE_MODES = ("antialias", "area", "bilinear")
+
+
+class _FromProfile:
+    """The default of a field that ``--profile`` decides (see opad/profiles.py)."""
+
+    def __repr__(self) -> str:
+        return "<from profile>"
+
+
+FROM_PROFILE = _FromProfile()
 
 
 def _f(default, help: str, **kw):
+    """A field; ``choices=(...)`` in ``kw`` lists its allowed values (checked by ``validate``)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _p(help: str, **kw):
+    """A field whose default comes from the profile; a value the user gives always wins."""
+    return field(default=FROM_PROFILE, metadata={"help": help, **kw})
+
+
 @dataclass
 class TrainConfig:
+    profile: str = _f("paper", "default set: paper (Algorithm 1 + collaborative stage) or release (the authors' "
+                      "train_opad.py, point by point); each flag still overrides it", choices=PROFILES)
     # models and data
     teacher: str | None = _f(None, "teacher diffusers folder or hub id (SD 2.1-like); default: tiny preset")
     student: str | None = _f(None, "student diffusers folder or hub id (SD-Turbo-like); default: tiny preset")
@@ -41,6 +61,13 @@ class TrainConfig:
     resolution: int | None = _f(None, "training resolution in pixels (default: the student's native size)")
     flip: bool = _f(True, "random horizontal flip")
     scale_aug: bool = _f(True, "Custom Diffusion's scale augmentation (zoom in/out with prompt hints)")
+    crop: str = _p("how a photo becomes square: center (crop) or stretch (resize the whole photo)",
+                   choices=("center", "stretch"))
+    prompt_style: str = _p("training prompts: custom_diffusion (27 templates, scale hint as a prefix) or release "
+                           "(25 templates without 'close-up' when augmenting, hint as the second word)",
+                           choices=("custom_diffusion", "release"))
+    sampling: str = _p("random (photo and template drawn independently) or epoch (all (photo, template) pairs, "
+                       "reshuffled every epoch)", choices=("random", "epoch"))
     output_dir: str = _f("opad-output", "where concept/, samples/, checkpoints/, logs go")
     overwrite: bool = _f(False, "replace the files of a previous run in --output-dir")
     resume: bool = _f(False, "continue from the newest complete checkpoint in --output-dir")
@@ -55,36 +82,69 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     weight_decay: float = _f(1e-2, "AdamW weight decay of K/V, heads and the modifier row (other table rows never change)")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip per model (0 disables)")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip of the teacher and of the student (0 disables)")
+    head_max_grad_norm: float = _f(0.0, "gradient-norm clip of each discriminator head on its own (0 disables; "
+                                   "the release's clip runs before backward, so it never clips)")
 
     # the algorithm
     use_teacher: bool = _f(True, "train the teacher and use it for alignment (off: 'w/o the teacher')")
     shared_text_encoder: bool = _f(True, "teacher and student share one text encoder (off: 'Remove STE')")
+    train_student_token: bool = _p("without the shared text encoder, the student's loss trains its own token "
+                                   "(off: the release, where its prompt embeddings stay detached)")
+    teacher_loss_channels: str = _p("teacher loss over latent channels: mean, or sum (the release: 4x)",
+                                    choices=("mean", "sum"))
+    shared_noise: bool = _p("one noise tensor for the teacher step, the student's x_T and the re-noising "
+                            "(the release) instead of three draws")
     detach_start_token: bool = _f(True, "no K/V gradient through the start token, as in Custom Diffusion")
     guidance_scale: float = _f(7.5, "teacher classifier-free guidance for the alignment target")
     mse_weight: float = _f(1.0, "latent MSE alignment weight (0: 'w/o MSE loss')")
     id_weight: float = _f(1.0, "identity-feature cosine weight (0: 'w/o identity feature loss')")
-    swd_weight: float = _f(0.1, "MS-SWD weight (0: 'w/o MS-SWD loss')")
+    swd_weight: float = _p("MS-SWD weight (0: 'w/o MS-SWD loss'); paper's is the release's 0.1 rescaled "
+                           "for [0, 1] input")
+    swd_input: str = _p("range of the images MS-SWD sees: unit ([0, 1], what its sRGB->Lab expects) or signed "
+                        "([-1, 1], the release)", choices=("unit", "signed"))
     lpips_weight: float = _f(0.0, "LPIPS weight (off by default)")
-    id_encoder: str = _f("clip", "frozen image encoder of the identity loss: clip, dino_v1 or dino_v2")
+    lpips_net: str = _p("LPIPS trunk: vgg or alex", choices=("vgg", "alex"))
+    id_encoder: str = _f("clip", "frozen image encoder of the identity loss: clip, dino_v1 or dino_v2",
+                         choices=ID_ENCODERS)
     swd_scales: int = _f(5, "MS-SWD scales")
     swd_projections: int = _f(128, "MS-SWD random projections per scale")
     swd_patch: int = _f(11, "MS-SWD patch size")
     discriminators: list[str] = _f(list(DISCRIMINATORS), "discriminator backbones (comma list; 'none' for 'w/o all')")
     disc_weight: float = _f(1.0, "weight of each discriminator's generator loss")
-    disc_loss: str = _f("bce", "discriminator loss: bce (non-saturating G) or hinge")
+    disc_loss: str = _f("bce", "discriminator loss: bce (non-saturating G) or hinge", choices=("bce", "hinge"))
+    disc_real: str = _p("discriminators' real images: photos (flipped, resized) or batch (the augmented teacher "
+                        "batch)", choices=("photos", "batch"))
     r1_weight: float = _f(0.0, "R1 penalty weight on real features (0 disables)")
-    disc_normalize: bool = _f(True, "feed backbones their own normalisation (off: the release's raw [-1, 1])")
-    dino_v2_size: str = _f("small", "DINOv2 backbone: small (ViT-S/14) or large (ViT-L/14)")
-    clip_arch: str = _f("ViT-B-16", "open_clip architecture of the clip backbone")
+    disc_normalize: bool = _p("feed backbones their own normalisation (off: the release's raw [-1, 1])")
+    backbone_resize: str = _p("how backbone inputs are resized: antialias (bilinear), area (the release's "
+                              "discriminators) or bilinear", choices=RESIZE_MODES)
+    id_resize: str = _p("how identity-encoder inputs are resized (as --backbone-resize)", choices=RESIZE_MODES)
+    dino_v2_size: str = _f("large", "DINOv2 backbone: large (ViT-L/14, the paper's: 304M parameters, 1.1 GiB in "
+                           "fp32, 1014 GFLOP per 518-px image forward) or small (ViT-S/14: 22M, 0.08 GiB, 93 GFLOP)",
+                           choices=("small", "large"))
+    clip_arch: str = _f("ViT-H-14", "open_clip architecture of the clip backbone: ViT-H-14 (the paper's, the image "
+                        "encoder IP-Adapter ships: 632M parameters, 2.4 GiB in fp32, 335 GFLOP per image forward) or "
+                        "a smaller one such as ViT-B-16 (86M, 0.32 GiB, 35 GFLOP)")
+    ip_adapter: str = _f("auto", "IP-Adapter image projection on the clip features (identity = per-token cosine): "
+                         "FILE, hub, none, or auto (hub when clip=hub with ViT-H-14; tiny on the tiny preset)")
     backbone_weights: list[str] = _f([], "NAME=FILE or NAME=hub per backbone (comma list); tiny preset: random tiny")
 
     # collaborative stage
-    collab_start: float | None = _f(0.75, "start of the collaborative stage, as a fraction of max-steps (none: off)")
+    collab_start: float | None = _p("start of the collaborative stage, as a fraction of max-steps (none: off)")
     collab_buffer: int = _f(16, "student samples kept as training data in the collaborative stage")
     collab_refresh: int = _f(50, "regenerate the sample buffer every N steps")
     collab_mix: float = _f(0.5, "fraction of each batch drawn from the sample buffer")
-    collab_disc_real: str = _f("photos", "discriminators' real set in the collaborative stage: photos or mixed")
+    collab_disc_real: str = _f("photos", "discriminators' real set in the collaborative stage: photos or mixed",
+                               choices=("photos", "mixed"))
+
+    # teacher-first baseline (paper §12, Table 6)
+    teacher_first: bool = _f(False, "teacher-first baseline: train the teacher alone, sample it, then train the "
+                             "student on those samples with the identity loss (no discriminators, no "
+                             "collaborative stage)")
+    teacher_first_steps: int | None = _f(None, "teacher-only steps of --teacher-first (default: half of max-steps)")
+    teacher_first_samples: int = _f(16, "teacher samples over the training prompts for --teacher-first")
+    teacher_first_sample_steps: int = _f(25, "teacher DDIM steps per sample for --teacher-first")
 
     # outputs and robustness
     preview_every: int = _f(50, "write a preview grid every N steps (and at step 0)")
@@ -99,41 +159,60 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "auto (bf16 on CUDA, no on CPU), no, bf16")
     gradient_checkpointing: str = _f("auto", "auto (on with CUDA), on, off")
 
+    def with_profile(self) -> "TrainConfig":
+        """A copy with every field the user left to the profile filled in from it."""
+        defaults = profile_defaults(self.profile)
+        unset = {f.name: defaults[f.name] for f in dataclasses.fields(self) if getattr(self, f.name) is FROM_PROFILE}
+        return dataclasses.replace(self, **unset)
+
     def resolved(self, *, tiny: bool) -> "TrainConfig":
-        """A copy with the defaults that depend on the models filled in."""
-        c = dataclasses.replace(self)
+        """A copy with the profile's and the models' defaults filled in (what config.json records)."""
+        c = self.with_profile()
         c.max_steps = c.max_steps or (150 if tiny else 1000)
         c.student_lr = c.student_lr if c.student_lr is not None else 1e-5 * c.batch_size
+        if c.teacher_first:  # the baseline has no discriminators and no collaborative stage
+            c.teacher_first_steps = c.teacher_first_steps or c.max_steps // 2
+            c.discriminators, c.collab_start = [], None
         return c
 
     def validate(self) -> None:
-        bad = [d for d in self.discriminators if d not in DISCRIMINATORS]
+        """Refuse a value outside its field's domain, naming the flag (after the profile is applied)."""
+        if self.profile not in PROFILES:
+            raise OpadError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        c = self.with_profile()
+        for f in dataclasses.fields(c):
+            choices = f.metadata.get("choices")
+            if choices and getattr(c, f.name) not in choices:
+                raise OpadError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                f"got {getattr(c, f.name)!r}")
+        bad = [d for d in c.discriminators if d not in DISCRIMINATORS]
         if bad:
             raise OpadError(f"unknown discriminator {bad[0]!r}; choose from {', '.join(DISCRIMINATORS)} (or 'none')")
-        if self.id_encoder not in ID_ENCODERS:
-            raise OpadError(f"unknown identity encoder {self.id_encoder!r}; choose from {', '.join(ID_ENCODERS)}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
+        if c.mixed_precision not in ("auto", "no", "bf16"):
             raise OpadError(f"--mixed-precision must be auto, no or bf16 (fp16 would need loss scaling), "
-                            f"got {self.mixed_precision!r}")
-        if self.gradient_checkpointing not in ("auto", "on", "off"):
-            raise OpadError(f"--gradient-checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
-        if self.disc_loss not in ("bce", "hinge"):
-            raise OpadError(f"--disc-loss must be bce or hinge, got {self.disc_loss!r}")
-        if self.dino_v2_size not in ("small", "large"):
-            raise OpadError(f"--dino-v2-size must be small or large, got {self.dino_v2_size!r}")
-        if self.collab_disc_real not in ("photos", "mixed"):
-            raise OpadError(f"--collab-disc-real must be photos or mixed, got {self.collab_disc_real!r}")
-        if self.collab_start is not None and not 0 <= self.collab_start <= 1:
-            raise OpadError(f"--collab-start must be a fraction in [0, 1] or none, got {self.collab_start}")
-        if not 0 <= self.collab_mix <= 1:
-            raise OpadError(f"--collab-mix must be in [0, 1], got {self.collab_mix}")
+                            f"got {c.mixed_precision!r}")
+        if c.gradient_checkpointing not in ("auto", "on", "off"):
+            raise OpadError(f"--gradient-checkpointing must be auto, on or off, got {c.gradient_checkpointing!r}")
+        if c.collab_start is not None and not 0 <= c.collab_start <= 1:
+            raise OpadError(f"--collab-start must be a fraction in [0, 1] or none, got {c.collab_start}")
+        if not 0 <= c.collab_mix <= 1:
+            raise OpadError(f"--collab-mix must be in [0, 1], got {c.collab_mix}")
         for name in ("batch_size", "preview_every", "checkpoint_every", "keep_checkpoints", "collab_refresh",
-                     "collab_buffer", "swd_scales", "swd_projections", "swd_patch", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise OpadError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise OpadError(f"--max-steps must be at least 1, got {self.max_steps}")
-        for entry in self.backbone_weights:
+                     "collab_buffer", "swd_scales", "swd_projections", "swd_patch", "max_bad_steps",
+                     "teacher_first_samples", "teacher_first_sample_steps"):
+            if getattr(c, name) < 1:
+                raise OpadError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        if c.max_steps is not None and c.max_steps < 1:
+            raise OpadError(f"--max-steps must be at least 1, got {c.max_steps}")
+        if c.teacher_first:
+            if not c.use_teacher:
+                raise OpadError("--teacher-first needs the teacher; it cannot be combined with --use-teacher false")
+            if c.teacher_first_steps is not None and c.teacher_first_steps < 1:
+                raise OpadError(f"--teacher-first-steps must be at least 1, got {c.teacher_first_steps}")
+            if c.max_steps is not None and c.teacher_first_steps is not None and c.teacher_first_steps >= c.max_steps:
+                raise OpadError(f"--teacher-first-steps ({c.teacher_first_steps}) must be below --max-steps "
+                                f"({c.max_steps}): the student trains in the steps after it")
+        for entry in c.backbone_weights:
             name, _, value = entry.partition("=")
             if name not in DISCRIMINATORS or not value:
                 raise OpadError(f"--backbone-weights entry {entry!r} must be NAME=FILE or NAME=hub, NAME in {DISCRIMINATORS}")
@@ -142,7 +221,7 @@ class TrainConfig:
         return dict(entry.split("=", 1) for entry in self.backbone_weights)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(dataclasses.asdict(self), indent=2, default=repr) + "\n"
 
 
 def _none_or(cast):
@@ -167,13 +246,12 @@ def _bool(text: str) -> bool:
 
 def _field_parser(tp) -> typing.Callable:
     args = typing.get_args(tp)
+    if type(None) in args:
+        return _none_or(_field_parser(next(a for a in args if a is not type(None))))
     if tp is bool:
         return _bool
     if typing.get_origin(tp) is list or tp is list:
         return _list
-    if type(None) in args:
-        inner = next(a for a in args if a is not type(None))
-        return _none_or(inner)
     return tp
 
 
@@ -184,6 +262,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, list) else default
+        shown = describe_default(f.name) if default is FROM_PROFILE else shown
         extra = dict(nargs="?", const=True, metavar="BOOL") if hints[f.name] is bool else {}  # --resume == --resume true
         parser.add_argument(flag, dest=f.name, type=_field_parser(hints[f.name]), default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {shown})", **extra)

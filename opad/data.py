@@ -31,6 +31,9 @@ TEMPLATES = [
     "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
     "a photo of a cool {}", "a photo of a small {}",
 ]
+# The release drops the two "close-up" templates when it augments (train_opad.py L407, L473).
+RELEASE_TEMPLATES = [t for t in TEMPLATES if "close" not in t]
+FAR_HINTS, NEAR_HINTS = ("a far away", "very small"), ("zoomed in", "close up")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -42,7 +45,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bool, what: str = "instance") -> list[Tensor]:
+def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bool, what: str = "instance",
+                crop: str = "center") -> list[Tensor]:
     """Every image in ``folder`` as a square (3, S, S) float tensor in [0, 1], S >= ``resolution``.
 
     Images are centre-cropped to a square and kept at up to 1.4x the resolution (the largest
@@ -70,7 +74,10 @@ def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bo
                 "use larger photos, a lower --resolution, or pass --allow-upscale"
             )
         side = min(w, h)
-        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        if crop == "stretch":  # the release resizes the whole photo to a square (train_opad.py L310)
+            img = img.resize((side, side), Image.Resampling.BICUBIC)
+        else:
+            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
         target = min(max(side, resolution), keep)
         if target != side:
             img = img.resize((target, target), Image.Resampling.BICUBIC)
@@ -98,14 +105,24 @@ def _resize(img: Tensor, size: int) -> Tensor:
     return F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
+def with_hint(prompt: str, hint: str, style: str) -> str:
+    """Custom Diffusion prefixes the scale hint; the release inserts it as the second word (L482)."""
+    if style == "release":
+        words = prompt.split()
+        return " ".join([*words[:1], hint, *words[1:]])
+    return f"{hint} {prompt}"
+
+
 def augment(
-    img: Tensor, prompt: str, resolution: int, latent_factor: int, g: torch.Generator, *, flip: bool, scale_aug: bool
+    img: Tensor, prompt: str, resolution: int, latent_factor: int, g: torch.Generator, *, flip: bool, scale_aug: bool,
+    prompt_style: str = "custom_diffusion",
 ) -> tuple[Tensor, Tensor, str]:
     """Custom Diffusion's augmentation on one square image in [0, 1].
 
-    With scale augmentation the subject is shrunk into a black canvas (2/3 of the time, prompt
-    hint "a far away" / "very small" when small) or enlarged and cropped ("zoomed in" /
-    "close up"); the loss mask covers only the pasted region.
+    With scale augmentation the subject is shrunk onto a mid-grey canvas (0 in [-1, 1], as in
+    Custom Diffusion and the release; 2/3 of the time, prompt hint "a far away" / "very small"
+    when small) or enlarged and cropped ("zoomed in" / "close up"); the loss mask covers only the
+    pasted region.
     """
     if flip and float(torch.rand((), generator=g)) < 0.5:
         img = img.flip(-1)
@@ -121,10 +138,10 @@ def augment(
     if scale > resolution:
         top, left = _randint(0, scale - resolution, g), _randint(0, scale - resolution, g)
         out = img[:, top : top + resolution, left : left + resolution]
-        prompt = _choice(["zoomed in ", "close up "], g) + prompt
+        prompt = with_hint(prompt, _choice(list(NEAR_HINTS), g), prompt_style)
     elif scale < resolution:
         top, left = _randint(0, resolution - scale, g), _randint(0, resolution - scale, g)
-        out = torch.zeros(3, resolution, resolution)
+        out = torch.full((3, resolution, resolution), 0.5)
         out[:, top : top + scale, left : left + scale] = img
         mask = torch.zeros(1, lat, lat)
         # the latent cells fully inside the pasted image
@@ -134,14 +151,19 @@ def augment(
             mask[:, top // latent_factor : -(-(top + scale) // latent_factor),
                  left // latent_factor : -(-(left + scale) // latent_factor)] = 1
         if scale < 0.6 * resolution:
-            prompt = _choice(["a far away ", "very small "], g) + prompt
+            prompt = with_hint(prompt, _choice(list(FAR_HINTS), g), prompt_style)
     else:
         out = img
     return out, mask, prompt
 
 
 class ConceptData:
-    """Draws augmented batches of (photo, prompt) for the subject; optional class-prior images."""
+    """Draws augmented batches of (photo, prompt) for the subject; optional class-prior images.
+
+    ``sampling="random"`` draws the photo and the template of each item independently;
+    ``"epoch"`` walks all (photo, template) pairs in an order reshuffled every epoch, as the
+    release's DataLoader does (L1732). Its position is ``cursor``, saved with checkpoints.
+    """
 
     def __init__(
         self,
@@ -152,7 +174,9 @@ class ConceptData:
         *,
         flip: bool = True,
         scale_aug: bool = True,
-        templates: list[str] | None = None,
+        prompt_style: str = "custom_diffusion",
+        sampling: str = "random",
+        seed: int = 0,
     ) -> None:
         self.images = images
         self.subject = subject  # "<new1> dog"
@@ -160,18 +184,32 @@ class ConceptData:
         self.latent_factor = latent_factor
         self.flip = flip
         self.scale_aug = scale_aug
-        self.templates = templates or TEMPLATES
+        self.prompt_style = prompt_style
+        self.templates = RELEASE_TEMPLATES if prompt_style == "release" and scale_aug else TEMPLATES
+        self.sampling = sampling
+        self.seed = seed
+        self.cursor = 0  # items drawn so far ("epoch" sampling)
 
     def prompt(self, g: torch.Generator) -> str:
         return _choice(self.templates, g).format(self.subject)
 
+    def _next_pair(self, g: torch.Generator) -> tuple[int, str]:
+        """(photo index, prompt) of the next item."""
+        if self.sampling == "epoch":
+            pairs = len(self.images) * len(self.templates)
+            epoch, pos = divmod(self.cursor, pairs)
+            order = torch.randperm(pairs, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            image, template = divmod(int(order[pos]), len(self.templates))
+            self.cursor += 1
+            return image, self.templates[template].format(self.subject)
+        return _randint(0, len(self.images) - 1, g), self.prompt(g)
+
     def sample(self, batch_size: int, g: torch.Generator) -> Batch:
         pixels, masks, prompts = [], [], []
         for _ in range(batch_size):
-            img = self.images[_randint(0, len(self.images) - 1, g)]
-            out, mask, prompt = augment(
-                img, self.prompt(g), self.resolution, self.latent_factor, g, flip=self.flip, scale_aug=self.scale_aug
-            )
+            index, prompt = self._next_pair(g)
+            out, mask, prompt = augment(self.images[index], prompt, self.resolution, self.latent_factor, g,
+                                        flip=self.flip, scale_aug=self.scale_aug, prompt_style=self.prompt_style)
             pixels.append(out)
             masks.append(mask)
             prompts.append(prompt)

@@ -2,6 +2,11 @@
 
 Everything works in the variance-preserving latent space z_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε that the
 UNets see. Timesteps are integer tensors, one per batch item where a function takes a batch.
+
+Precision: UNet outputs are upcast to fp32 before any combination (guidance, x0, v/ε) and the
+sampler's latents stay fp32; only the UNet's own input is cast to its weights' dtype. Under bf16
+the guidance amplifies the output error 7.5x and the student's x0 divides ε̂ by √ᾱ_999 ≈ 0.068,
+so rounding those combinations to bf16 as well would add error on top.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def eps_from_v(z_t: Tensor, v: Tensor, t: Tensor | int, alphas_cumprod: Tensor) 
 def split_prediction(
     pred: Tensor, z_t: Tensor, t: Tensor | int, alphas_cumprod: Tensor, prediction_type: PredictionType
 ) -> tuple[Tensor, Tensor]:
-    """(x0, ε) from a UNet output of either prediction type."""
+    """(x0, ε) in fp32 from a UNet output of either prediction type."""
+    pred, z_t = pred.float(), z_t.float()
     if prediction_type == "epsilon":
         return x0_from_eps(z_t, pred, t, alphas_cumprod), pred
     if prediction_type == "v_prediction":
@@ -74,7 +80,7 @@ def turbo_initial_latent(noise: Tensor, t: int, alphas_cumprod: Tensor) -> Tenso
     it by 1/√(σ_max²+1) before the UNet, so SD-Turbo has always been run on this slightly shrunk
     noise; training and sampling use it alike.
     """
-    return noise * (1 - alphas_cumprod[t]).sqrt().to(device=noise.device, dtype=noise.dtype)
+    return noise.float() * (1 - alphas_cumprod[t]).sqrt().to(device=noise.device, dtype=torch.float32)
 
 
 def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -101,20 +107,26 @@ def ddim_sample(
     prediction_type: PredictionType,
     final_alpha_cumprod: float | Tensor = 1.0,
 ) -> Tensor:
-    """Deterministic DDIM from pure noise ``z_T``; returns the last latent.
+    """Deterministic DDIM from pure noise ``z_T``; returns the last latent (fp32).
 
-    ``model(z_t, t)`` returns the UNet prediction. Each step predicts (x0, ε) and re-noises x0
+    ``model(z_t, t)`` returns the UNet prediction (it casts ``z_t`` to its UNet's dtype). Each step predicts (x0, ε) and re-noises x0
     with that ε to the next timestep. With ``final_alpha_cumprod`` = 1 the last latent is x0,
     which makes this exactly Euler with σ → 0 (SD-Turbo's scheduler); SD 2.1's DDIM ends at ᾱ_0.
     """
-    z = z_T
+    z = z_T.float()
     for i, t in enumerate(timesteps):
         t_batch = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
         x0, eps = split_prediction(model(z, t_batch), z, t, alphas_cumprod, prediction_type)
         a_next = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else final_alpha_cumprod
-        a_next = torch.as_tensor(a_next, dtype=z.dtype, device=z.device)
+        a_next = torch.as_tensor(a_next, dtype=torch.float32, device=z.device)
         z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return z
+
+
+def unet_prediction(unet: torch.nn.Module, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    """One UNet call: inputs cast to the UNet's dtype, the prediction returned in fp32."""
+    dtype = getattr(unet, "dtype", z_t.dtype)  # diffusers models know their weights' dtype
+    return unet(z_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
 
 
 def guided_prediction(
@@ -125,11 +137,11 @@ def guided_prediction(
     uncond: Tensor,
     guidance_scale: float,
 ) -> Tensor:
-    """Classifier-free guidance: u + s·(c − u), with both branches in one batched UNet call."""
+    """Classifier-free guidance u + s·(c − u) in fp32, with both branches in one batched UNet call."""
     if guidance_scale == 1.0:
-        return unet(z_t, t, encoder_hidden_states=cond).sample
+        return unet_prediction(unet, z_t, t, cond)
     uncond = uncond.expand_as(cond)
-    pred = unet(torch.cat([z_t, z_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    pred = unet_prediction(unet, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
     pred_uncond, pred_cond = pred.chunk(2)
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 

@@ -22,8 +22,12 @@ _DELTA = 6 / 29
 
 
 def srgb_to_lab(rgb: Tensor) -> Tensor:
-    """(B, 3, H, W) sRGB in [0, 1] to CIE Lab (L in [0, 100]); gradients stay finite at black."""
-    rgb = rgb.clamp(0, 1)
+    """(B, 3, H, W) sRGB on the [0, 1] scale to CIE Lab (L in [0, 100] for in-range input).
+
+    No clamp: the raw decoder output overshoots [0, 1], and a clamped pixel would get no gradient.
+    Each curve continues its branch out of range (linear below the knee, also for negatives; the
+    power law above 1), as the release's MS_SWD.py does; gradients stay finite at black.
+    """
     linear = torch.where(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz = torch.einsum("ij,bjhw->bihw", _RGB_TO_XYZ.to(rgb), linear) / _WHITE.to(rgb).view(1, 3, 1, 1)
     f = torch.where(
@@ -106,9 +110,11 @@ def latent_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
-    """1 - cos(a, b) per batch item (features flattened)."""
-    return 1 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+def cosine_distance(a: Tensor, b: Tensor, tokens: int = 1) -> Tensor:
+    """1 - cos(a, b) per batch item; with ``tokens`` > 1 the features are that many equal tokens,
+    compared one by one and averaged (IP-Adapter's 4 image tokens, as the release's identity loss)."""
+    a, b = a.flatten(1), b.flatten(1)
+    return 1 - F.cosine_similarity(a.view(len(a), tokens, -1), b.view(len(b), tokens, -1), dim=2).mean(1)
 
 
 def generator_loss(fake_logits: Tensor, kind: str = "bce") -> Tensor:

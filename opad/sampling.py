@@ -11,6 +11,7 @@ from opad.diffusion import (
     leading_timesteps,
     trailing_timesteps,
     turbo_initial_latent,
+    unet_prediction,
 )
 from opad.models.loading import ModelBundle
 
@@ -29,10 +30,16 @@ def encode_prompts(bundle: ModelBundle, prompts: list[str], text_encoder: torch.
     return (text_encoder or bundle.text_encoder)(ids)[0]
 
 
-def decode_latents(bundle: ModelBundle, z0: Tensor) -> Tensor:
-    """VAE decode to images in [0, 1], (B, 3, H, W)."""
-    image = bundle.vae.decode(z0 / bundle.vae.config.scaling_factor).sample.float()
-    return (image / 2 + 0.5).clamp(0, 1)
+def decode_latents(bundle: ModelBundle, z0: Tensor, *, clamp: bool = True) -> Tensor:
+    """VAE decode to fp32 images (B, 3, H, W) on the [0, 1] scale.
+
+    ``clamp=False`` keeps the raw decoder output, which overshoots [0, 1] on white backgrounds and
+    highlights: losses need it, since a clamped pixel gets no gradient (the release also feeds its
+    losses the raw output). Saved images, previews and training buffers are clamped.
+    """
+    image = bundle.vae.decode((z0 / bundle.vae.config.scaling_factor).to(bundle.vae.dtype)).sample.float()
+    image = image / 2 + 0.5
+    return image.clamp(0, 1) if clamp else image
 
 
 def initial_noise(
@@ -56,7 +63,7 @@ def student_denoise(bundle: ModelBundle, cond: Tensor, noise: Tensor, steps: int
     alphas_cumprod = bundle.student_scheduler.alphas_cumprod
     unet = bundle.student_unet
     return ddim_sample(
-        lambda z, t: unet(z, t, encoder_hidden_states=cond).sample.float(),
+        lambda z, t: unet_prediction(unet, z, t, cond),
         turbo_initial_latent(noise, timesteps[0], alphas_cumprod),
         timesteps,
         alphas_cumprod,

@@ -36,7 +36,7 @@ from opad.backbones import DiscriminatorHead, FrozenBackbone, build_backbone
 from opad.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from opad.config import DISCRIMINATORS, TrainConfig
 from opad.data import Batch, ConceptData, load_images
-from opad.diffusion import add_noise, c_weight, teacher_x0, velocity
+from opad.diffusion import add_noise, c_weight, teacher_x0, unet_prediction, velocity
 from opad.errors import OpadError
 from opad.example_concept import CLASS_NAME as EXAMPLE_CLASS
 from opad.example_concept import example_concept_dir
@@ -45,7 +45,7 @@ from opad.models.loading import load_models
 from opad.previews import write_preview
 from opad.runlog import NullLog, RunLog, plot_losses
 from opad.runtime import pick_device
-from opad.sampling import decode_latents, encode_prompts, student_denoise
+from opad.sampling import decode_latents, encode_prompts, sample_teacher, student_denoise
 from opad.tokens import TrainableTokenRows
 
 RUN_ARTEFACTS = ("concept", "teacher_concept", "samples", "checkpoints", "tensorboard", "log.csv",
@@ -54,7 +54,8 @@ RUN_ARTEFACTS = ("concept", "teacher_concept", "samples", "checkpoints", "tensor
 RESUME_MAY_CHANGE = {"max_steps", "preview_every", "checkpoint_every", "keep_checkpoints", "device",
                      "mixed_precision", "gradient_checkpointing", "resume", "overwrite", "output_dir",
                      "preview_teacher_steps", "preview_prompts"}
-_GENERATORS = ("data", "real", "teacher", "student", "align", "swd", "collab")
+_GENERATORS = ("data", "real", "teacher", "student", "align", "swd", "collab", "samples")
+_MODELS = ("teacher", "student", "heads")
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Trainer:
         self.progress = progress
         tiny = cfg.teacher is None and cfg.student is None
         self.cfg = cfg = cfg.resolved(tiny=tiny)
+        cfg.validate()  # again: some checks need the resolved values (max-steps, teacher-first steps)
         self.out = Path(cfg.output_dir)
         self._check_resume_config()
 
@@ -124,15 +126,17 @@ class Trainer:
         self.resolution = cfg.resolution or b.default_resolution
         if self.resolution % b.vae_scale_factor:
             raise OpadError(f"--resolution must be a multiple of {b.vae_scale_factor}, got {self.resolution}")
-        images = load_images(instance_dir, self.resolution, allow_upscale=cfg.allow_upscale)
+        images = load_images(instance_dir, self.resolution, allow_upscale=cfg.allow_upscale, crop=cfg.crop)
         if cfg.one_shot:
             images = images[:1]
         self.subject = f"{cfg.token} {self.class_name}"
-        self.data = ConceptData(images, self.subject, self.resolution, b.vae_scale_factor,
-                                flip=cfg.flip, scale_aug=cfg.scale_aug)
+        self.data = ConceptData(images, self.subject, self.resolution, b.vae_scale_factor, flip=cfg.flip,
+                                scale_aug=cfg.scale_aug, prompt_style=cfg.prompt_style, sampling=cfg.sampling,
+                                seed=cfg.seed * 7919 + 104729 * self.accelerator.process_index)
         self.class_data = None
         if cfg.class_dir:
-            class_images = load_images(cfg.class_dir, self.resolution, allow_upscale=True, what="class-prior")
+            class_images = load_images(cfg.class_dir, self.resolution, allow_upscale=True, what="class-prior",
+                                       crop=cfg.crop)
             self.class_data = ConceptData(class_images, self.class_name, self.resolution, b.vae_scale_factor,
                                           flip=cfg.flip, scale_aug=False)
 
@@ -160,10 +164,10 @@ class Trainer:
         }).to(self.device)
         self.lpips = self._build_lpips(tiny) if cfg.lpips_weight > 0 else None
         self.teacher_params = [*self.teacher_kv, self.teacher_tokens.rows]
-        self.student_params = [*self.student_kv] + ([self.student_tokens.rows] if self.student_tokens else [])
+        self.student_token_rows = self._student_token_rows()
+        self.student_params = [*self.student_kv, *self.student_token_rows]
         self.opt_teacher = self._adamw(self.teacher_kv, [self.teacher_tokens.rows], cfg.teacher_lr)
-        self.opt_student = self._adamw(self.student_kv, [self.student_tokens.rows] if self.student_tokens else [],
-                                       cfg.student_lr)
+        self.opt_student = self._adamw(self.student_kv, self.student_token_rows, cfg.student_lr)
         self.opt_heads = self._adamw(list(self.heads.parameters()), [], cfg.head_lr) if len(self.heads) else None
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
 
@@ -176,6 +180,10 @@ class Trainer:
         self.bad_steps = 0
         self.collab_images = torch.empty(0)
         self.collab_prompts: list[str] = []
+        self.teacher_set_images = torch.empty(0)  # --teacher-first: the teacher's samples
+        self.teacher_set_prompts: list[str] = []
+        self.attempts = dict.fromkeys(_MODELS, 0)  # optimizer steps tried / applied, per model
+        self.updates = dict.fromkeys(_MODELS, 0)
         self.collab_start_step = (None if cfg.collab_start is None else int(round(cfg.collab_start * cfg.max_steps)))
         self._stop_requested = False
         self.accelerator.wait_for_everyone()  # every process has checked --output-dir before any writes
@@ -184,6 +192,18 @@ class Trainer:
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_teacher, self.opt_student, self.opt_heads) if o is not None]
+
+    def _student_token_rows(self) -> list[nn.Parameter]:
+        """The token rows the student's loss trains (the teacher's loss trains the shared ones).
+
+        Without the teacher nothing else would move the shared token, so the student's loss
+        trains it (``--use-teacher false``). Without the shared encoder the student has its own
+        token, trained by its loss unless ``--train-student-token false`` (the release keeps the
+        student's prompt embeddings detached, train_opad.py L2223).
+        """
+        if self.student_tokens is not None:
+            return [self.student_tokens.rows] if self.cfg.train_student_token else []
+        return [] if self.cfg.use_teacher else [self.teacher_tokens.rows]
 
     def _adamw(self, params: list, token_params: list, lr: float) -> torch.optim.Optimizer:
         # K/V and token rows in separate groups, so each can get its own settings later
@@ -214,17 +234,40 @@ class Trainer:
             if source is None:
                 raise OpadError(f"the {name} backbone needs weights: pass --backbone-weights {name}=FILE "
                                 f"(or {name}=hub to download them)")
-            backbones[name] = build_backbone(name, source, dino_v2_size=cfg.dino_v2_size, clip_arch=cfg.clip_arch,
-                                             normalize=cfg.disc_normalize,
-                                             seed=cfg.seed + 31 * (DISCRIMINATORS.index(name) + 1)).to(self.device)
+            backbones[name] = build_backbone(
+                name, source, dino_v2_size=cfg.dino_v2_size, clip_arch=cfg.clip_arch, normalize=cfg.disc_normalize,
+                resize=cfg.backbone_resize, ip_adapter=self._ip_adapter_source(source) if name == "clip" else None,
+                seed=cfg.seed + 31 * (DISCRIMINATORS.index(name) + 1)).to(self.device)
         return backbones
+
+    def _ip_adapter_source(self, clip_source: str) -> str | None:
+        """What ``--ip-adapter auto`` means: a random tiny projection on the tiny clip backbone,
+        IP-Adapter's own when the clip backbone is IP-Adapter's image encoder (ViT-H-14), else none."""
+        choice = self.cfg.ip_adapter
+        if choice == "none":
+            return None
+        if choice != "auto":
+            return choice
+        if clip_source == "tiny":
+            return "tiny"
+        if self.cfg.clip_arch != "ViT-H-14":
+            return None
+        if clip_source.startswith("hub"):
+            return "hub"
+        beside = [Path(clip_source).parent / f"ip-adapter_sd15{ext}" for ext in (".safetensors", ".bin")]
+        found = [str(p) for p in beside if Path(clip_source).is_dir() and p.is_file()]
+        if found:
+            return found[0]
+        raise OpadError("the clip backbone needs IP-Adapter's image projection for the identity feature: pass "
+                        "--ip-adapter FILE (ip-adapter_sd15.safetensors) or hub, or --ip-adapter none for the "
+                        "pooled CLIP embedding")
 
     def _build_lpips(self, tiny: bool) -> nn.Module:
         import lpips
 
-        # The linear calibration layers ship in the lpips package; its VGG trunk comes from
+        # The linear calibration layers ship in the lpips package; its VGG/AlexNet trunk comes from
         # torchvision's download unless the run is on the tiny preset (random trunk).
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=tiny, verbose=False)
+        model = lpips.LPIPS(net=self.cfg.lpips_net, pretrained=True, pnet_rand=tiny, verbose=False)
         return model.to(self.device).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ building blocks
@@ -237,9 +280,19 @@ class Trainer:
     def _randint(self, high: int, n: int, gen: str) -> Tensor:
         return torch.randint(0, high, (n,), generator=self.generators[gen]).to(self.device)
 
-    def _optimizer_step(self, opt, params: list[Tensor], loss: Tensor, name: str, out: StepOutcome) -> None:
-        """Backward, clip, and step unless the loss or gradient is non-finite (then skip and record)."""
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        f = self.bundle.vae_scale_factor
+        return (n, self.bundle.student_unet.config.in_channels, self.resolution // f, self.resolution // f)
+
+    def _optimizer_step(self, opt, params: list[Tensor], loss: Tensor, name: str, out: StepOutcome,
+                        clip_groups: list[tuple[list[Tensor], float]] | None = None) -> None:
+        """Backward, clip, and step unless the loss or gradient is non-finite (then skip and record).
+
+        ``clip_groups`` are (parameters, max norm) pairs, each clipped on its own (0: no clip); by
+        default all ``params`` against --max-grad-norm. The logged norm is the total before clipping.
+        """
         opt.zero_grad(set_to_none=True)
+        self.attempts[name] += 1
         if not _finite(loss):
             out.nonfinite.append(f"{name}:loss")
             return
@@ -248,8 +301,10 @@ class Trainer:
             for p in params:
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], limit)
+        norms = [torch.nn.utils.clip_grad_norm_([p for p in group if p.grad is not None],
+                                                limit if limit > 0 else math.inf)
+                 for group, limit in clip_groups or [(params, self.cfg.max_grad_norm)]]
+        norm = torch.stack([n.float() for n in norms]).norm()
         out.values[f"grad_norm/{name}"] = float(norm)
         if not _finite(norm):
             opt.zero_grad(set_to_none=True)
@@ -257,12 +312,19 @@ class Trainer:
             return
         opt.step()
         opt.zero_grad(set_to_none=True)
+        self.updates[name] += 1
+
+    def _sync_tokens(self) -> None:
+        """Write trained token rows back into their embedding tables."""
+        self.teacher_tokens.sync()
+        if self.student_tokens is not None:
+            self.student_tokens.sync()
 
     # ------------------------------------------------------------------ the three steps
-    def teacher_step(self, batch: Batch, cond: Tensor, out: StepOutcome) -> None:
+    def teacher_step(self, batch: Batch, cond: Tensor, out: StepOutcome, noise: Tensor | None = None) -> None:
         """Noise-prediction (v or ε) loss on the photos, masked like Custom Diffusion's."""
         b = self.bundle
-        loss = self._teacher_loss(batch, cond)
+        loss = self._teacher_loss(batch, cond, noise)
         out.values["loss/teacher"] = loss.item()
         if self.class_data is not None:
             prior = self.class_data.sample(self.cfg.batch_size, self.generators["teacher"])
@@ -272,66 +334,89 @@ class Trainer:
         self._optimizer_step(self.opt_teacher, self.teacher_params, loss, "teacher", out)
         self.teacher_tokens.sync()
 
-    def _teacher_loss(self, batch: Batch, cond: Tensor) -> Tensor:
+    def _teacher_loss(self, batch: Batch, cond: Tensor, noise: Tensor | None = None) -> Tensor:
         b = self.bundle
         sched = b.teacher_scheduler
         ac = sched.alphas_cumprod
         with torch.no_grad(), self.accelerator.autocast():
             dist = b.vae.encode(batch.pixels.to(self.device)).latent_dist
             latents = dist.sample(generator=self.generators["teacher"]).float() * b.vae.config.scaling_factor
-        noise = self._randn(latents.shape, "teacher")
+        if noise is None:
+            noise = self._randn(latents.shape, "teacher")
         t = self._randint(sched.config.num_train_timesteps, latents.shape[0], "teacher")
         z_t = add_noise(latents, noise, t.cpu(), ac)
         with self.accelerator.autocast():
-            pred = b.teacher_unet(z_t, t, encoder_hidden_states=cond).sample.float()
+            pred = unet_prediction(b.teacher_unet, z_t, t, cond)
         target = velocity(latents, noise, t.cpu(), ac) if sched.config.prediction_type == "v_prediction" else noise
         mask = batch.masks.to(self.device)
-        per_item = ((pred - target) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * pred.shape[1]).clamp(min=1)
+        # "sum": the release sums the 4 channels against its 1-channel mask (train_opad.py L2143), 4x the mean
+        channels = pred.shape[1] if self.cfg.teacher_loss_channels == "mean" else 1
+        per_item = ((pred - target) ** 2 * mask).sum((1, 2, 3)) / (mask.sum((1, 2, 3)) * channels).clamp(min=1)
         return per_item.mean()
 
-    def student_one_step(self, cond: Tensor, gen: str) -> tuple[Tensor, Tensor]:
-        """The student's single step from pure noise at t = T-1: (x0 latent, image in [0, 1])."""
+    def student_one_step(self, cond: Tensor, gen: str, noise: Tensor | None = None, *,
+                         clamp: bool = True) -> tuple[Tensor, Tensor]:
+        """The student's single step from pure noise at t = T-1: (x0 latent, image on the [0, 1] scale).
+
+        ``clamp=False`` for losses (raw decoder output, gradients everywhere); buffers use clamped images.
+        """
         b = self.bundle
-        f = b.vae_scale_factor
-        noise = self._randn((cond.shape[0], b.student_unet.config.in_channels, self.resolution // f,
-                             self.resolution // f), gen)
+        if noise is None:
+            noise = self._randn(self.latent_shape(cond.shape[0]), gen)
         with self.accelerator.autocast():
             z0 = student_denoise(b, cond, noise, steps=1)
-            return z0, decode_latents(b, z0)
+            return z0, decode_latents(b, z0, clamp=clamp)
 
-    def student_forward(self, prompts: list[str], cond_s: Tensor, cond_t: Tensor) -> StudentResult:
-        """The student's one-step image and every loss term (no update)."""
+    def _id_features(self, image: Tensor, disc_features: dict[str, Tensor]) -> Tensor:
+        """Identity-encoder features; shares the discriminator's forward pass when the resize agrees."""
+        cfg = self.cfg
+        if cfg.id_encoder in disc_features and cfg.id_resize == cfg.backbone_resize:
+            return disc_features[cfg.id_encoder]
+        with self.accelerator.autocast():
+            return self.backbones[cfg.id_encoder](image, resize=cfg.id_resize)
+
+    def _id_loss(self, image: Tensor, target: Tensor, disc_features: dict[str, Tensor]) -> Tensor:
+        """1 − cos between the identity features of the student's image and a target image, per item."""
+        encoder = self.backbones[self.cfg.id_encoder]
+        with torch.no_grad(), self.accelerator.autocast():
+            f_target = encoder(target, resize=self.cfg.id_resize)
+        return losses.cosine_distance(self._id_features(image, disc_features), f_target, tokens=encoder.tokens)
+
+    def student_forward(self, prompts: list[str], cond_s: Tensor, cond_t: Tensor,
+                        noise: Tensor | None = None) -> StudentResult:
+        """The student's one-step image and every loss term (no update).
+
+        ``noise`` (the release's shared noise) is the student's x_T and the re-noising noise.
+        """
         cfg, b = self.cfg, self.bundle
         n = len(prompts)
-        z_st, image = self.student_one_step(cond_s, "student")
+        z_st, image = self.student_one_step(cond_s, "student", noise, clamp=False)
 
         terms: dict[str, Tensor] = {}
         align = cfg.use_teacher and any(w > 0 for w in (cfg.mse_weight, cfg.id_weight, cfg.swd_weight, cfg.lpips_weight))
         z_tc = image_tc = None
-        feats: dict[str, Tensor] = {}
         with self.accelerator.autocast():
-            for name in self.backbones:
-                if name in cfg.discriminators or (align and cfg.id_weight > 0 and name == cfg.id_encoder):
-                    feats[name] = self.backbones[name](image)  # once per image per iteration
+            feats = {name: self.backbones[name](image) for name in cfg.discriminators}  # once per image
         if align:
             tsched = b.teacher_scheduler
             ac_t = tsched.alphas_cumprod
             t2 = self._randint(tsched.config.num_train_timesteps, n, "align")
-            eps2 = self._randn(z_st.shape, "align")
+            eps2 = self._randn(z_st.shape, "align") if noise is None else noise
             with torch.no_grad(), self.accelerator.autocast():
                 z_noisy = add_noise(z_st.detach(), eps2, t2.cpu(), ac_t)
                 z_tc = teacher_x0(b.teacher_unet, z_noisy, t2, cond_t, self.uncond, ac_t,
-                                  tsched.config.prediction_type, cfg.guidance_scale).float()
-                image_tc = decode_latents(b, z_tc) if (cfg.id_weight or cfg.swd_weight or cfg.lpips_weight) else None
+                                  tsched.config.prediction_type, cfg.guidance_scale)
+                needs_image = cfg.id_weight or cfg.swd_weight or cfg.lpips_weight
+                image_tc = decode_latents(b, z_tc, clamp=False) if needs_image else None
             c = c_weight(t2.cpu(), ac_t).to(self.device).float()  # per-sample trust in the teacher
             if cfg.mse_weight > 0:
                 terms["mse"] = cfg.mse_weight * (c * 0.5 * losses.latent_mse(z_st, z_tc)).mean()
             if cfg.id_weight > 0:
-                with torch.no_grad(), self.accelerator.autocast():
-                    f_tc = self.backbones[cfg.id_encoder](image_tc)
-                terms["id"] = cfg.id_weight * (c * losses.cosine_distance(feats[cfg.id_encoder], f_tc)).mean()
+                terms["id"] = cfg.id_weight * (c * self._id_loss(image, image_tc, feats)).mean()
             if cfg.swd_weight > 0:
-                swd = losses.ms_swd(image, image_tc, num_scales=cfg.swd_scales, num_projections=cfg.swd_projections,
+                # "signed": the release feeds [-1, 1] images to a Lab conversion made for [0, 1] (L2414)
+                x, y = (image * 2 - 1, image_tc * 2 - 1) if cfg.swd_input == "signed" else (image, image_tc)
+                swd = losses.ms_swd(x, y, num_scales=cfg.swd_scales, num_projections=cfg.swd_projections,
                                     patch_size=cfg.swd_patch, generator=self.generators["swd"])
                 terms["swd"] = cfg.swd_weight * (c * swd).mean()
             if cfg.lpips_weight > 0:
@@ -344,10 +429,11 @@ class Trainer:
         fake = {name: feats[name].detach() for name in cfg.discriminators}
         return StudentResult(terms, fake, image.detach(), z_st, z_tc, image_tc)
 
-    def student_step(self, prompts: list[str], cond_s: Tensor, cond_t: Tensor, out: StepOutcome) -> StudentResult:
+    def student_step(self, prompts: list[str], cond_s: Tensor, cond_t: Tensor, out: StepOutcome,
+                     noise: Tensor | None = None) -> StudentResult:
         self.heads.requires_grad_(False)  # the generator loss must not reach the heads
         try:
-            result = self.student_forward(prompts, cond_s, cond_t)
+            result = self.student_forward(prompts, cond_s, cond_t, noise)
         finally:
             self.heads.requires_grad_(True)
         for key, value in result.terms.items():
@@ -356,18 +442,21 @@ class Trainer:
             total = sum(result.terms.values())
             out.values["loss/student"] = total.item()
             self._optimizer_step(self.opt_student, self.student_params, total, "student", out)
-            if self.student_tokens is not None:
-                self.student_tokens.sync()
+            self._sync_tokens()
         return result
 
-    def discriminator_step(self, fake_features: dict[str, Tensor], out: StepOutcome) -> None:
+    def discriminator_step(self, fake_features: dict[str, Tensor], out: StepOutcome, batch: Batch | None = None) -> None:
+        """BCE (or hinge) per head: real images vs the student's features; each head clipped on its own."""
         cfg = self.cfg
         if not cfg.discriminators:
             return
-        real = self.data.real_images(cfg.batch_size, self.generators["real"])
-        if cfg.collab_disc_real == "mixed" and len(self.collab_prompts):
-            idx = torch.randint(0, len(self.collab_prompts), (cfg.batch_size // 2,), generator=self.generators["real"])
-            real[: len(idx)] = self.collab_images[idx]
+        if cfg.disc_real == "batch" and batch is not None:  # the release: the augmented teacher batch (L2561)
+            real = (batch.pixels + 1) / 2
+        else:
+            real = self.data.real_images(cfg.batch_size, self.generators["real"])
+            if cfg.collab_disc_real == "mixed" and len(self.collab_prompts):
+                idx = torch.randint(0, len(self.collab_prompts), (cfg.batch_size // 2,), generator=self.generators["real"])
+                real[: len(idx)] = self.collab_images[idx]
         real = real.to(self.device)
         total = 0.0
         for name in cfg.discriminators:
@@ -386,7 +475,9 @@ class Trainer:
                 loss = loss + r1
             out.values[f"loss/d_{name}"] = loss.item()
             total = total + loss
-        self._optimizer_step(self.opt_heads, list(self.heads.parameters()), total, "heads", out)
+        # The release clips the heads before backward, i.e. never (train_opad.py L2567); 0 keeps that.
+        clip = [(list(head.parameters()), cfg.head_max_grad_norm) for head in self.heads.values()]
+        self._optimizer_step(self.opt_heads, list(self.heads.parameters()), total, "heads", out, clip)
 
     # ------------------------------------------------------------------ one iteration
     def next_batch(self) -> Batch:
@@ -401,21 +492,65 @@ class Trainer:
                     batch.prompts[i] = self.collab_prompts[j]
         return batch
 
+    def student_cond(self, prompts: list[str], cond: Tensor) -> Tensor:
+        """The student's prompt embeddings: the shared C or its own encoder's; detached (stop-grad)
+        unless the student's loss trains a token row."""
+        cond_s = cond if self.cfg.shared_text_encoder else self._encode(self.student_text_encoder, prompts)
+        return cond_s if self.student_token_rows else cond_s.detach()
+
     def iteration(self) -> StepOutcome:
+        if self.cfg.teacher_first:
+            return self.teacher_first_iteration()
         cfg, b = self.cfg, self.bundle
         out = StepOutcome()
         batch = self.next_batch()
+        # the release draws one noise tensor for all three uses (train_opad.py L2039)
+        noise = self._randn(self.latent_shape(len(batch.prompts)), "student") if cfg.shared_noise else None
         cond = self._encode(b.text_encoder, batch.prompts)  # C, once per iteration
         if cfg.use_teacher:
-            self.teacher_step(batch, cond, out)
-        cond_t = cond.detach()
-        if cfg.shared_text_encoder:
-            cond_s = cond_t  # stop-grad: only the teacher's loss moves the token
-        else:
-            cond_s = self._encode(self.student_text_encoder, batch.prompts)
-        result = self.student_step(batch.prompts, cond_s, cond_t, out)
-        self.discriminator_step(result.fake_features, out)
+            self.teacher_step(batch, cond, out, noise)
+        result = self.student_step(batch.prompts, self.student_cond(batch.prompts, cond), cond.detach(), out, noise)
+        self.discriminator_step(result.fake_features, out, batch)
         return out
+
+    # ------------------------------------------------------------------ teacher-first baseline
+    def teacher_first_iteration(self) -> StepOutcome:
+        """Paper §12 / Table 6: the teacher alone (Custom Diffusion) for --teacher-first-steps, then
+        the student on the teacher's samples with the identity loss only."""
+        cfg, b = self.cfg, self.bundle
+        out = StepOutcome()
+        if self.step < cfg.teacher_first_steps:
+            batch = self.data.sample(cfg.batch_size, self.generators["data"])
+            self.teacher_step(batch, self._encode(b.text_encoder, batch.prompts), out)
+            return out
+        idx = torch.randint(0, len(self.teacher_set_prompts), (cfg.batch_size,), generator=self.generators["data"])
+        prompts = [self.teacher_set_prompts[i] for i in idx]
+        with torch.set_grad_enabled(bool(self.student_token_rows)):
+            cond_s = self.student_cond(prompts, self._encode(b.text_encoder, prompts))
+        _, image = self.student_one_step(cond_s, "student", clamp=False)
+        loss = cfg.id_weight * self._id_loss(image, self.teacher_set_images[idx].to(self.device), {}).mean()
+        out.values["loss/id"] = out.values["loss/student"] = loss.item()
+        self._optimizer_step(self.opt_student, self.student_params, loss, "student", out)
+        self._sync_tokens()
+        return out
+
+    @torch.no_grad()
+    def sample_teacher_set(self) -> None:
+        """--teacher-first-samples teacher images (DDIM, CFG) over training prompts, clamped to [0, 1]."""
+        cfg = self.cfg
+        g = self.generators["samples"]
+        prompts = [self.data.prompt(g) for _ in range(cfg.teacher_first_samples)]
+        if self.is_main:
+            print(f"teacher-first: sampling {len(prompts)} teacher images ({cfg.teacher_first_sample_steps} DDIM "
+                  "steps each)", file=sys.stderr)
+        images = []
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher samples", leave=False,
+                          disable=not (self.progress and self.is_main)):
+            images.append(sample_teacher(self.bundle, prompts[start : start + cfg.batch_size],
+                                         steps=cfg.teacher_first_sample_steps, guidance_scale=cfg.guidance_scale,
+                                         generator=g, resolution=self.resolution).cpu())
+        self.teacher_set_images = torch.cat(images)
+        self.teacher_set_prompts = prompts
 
     # ------------------------------------------------------------------ collaborative stage
     @torch.no_grad()
@@ -449,6 +584,11 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "collab_images": self.collab_images.clone(),
             "collab_prompts": list(self.collab_prompts),
+            "teacher_set_images": self.teacher_set_images.clone(),
+            "teacher_set_prompts": list(self.teacher_set_prompts),
+            "data_cursor": self.data.cursor,
+            "attempts": dict(self.attempts),
+            "updates": dict(self.updates),
         }
         if self.student_tokens is not None:
             state["student_tokens"] = self.student_tokens.rows.detach().cpu().clone()
@@ -476,6 +616,10 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.collab_images = state["collab_images"]
         self.collab_prompts = list(state["collab_prompts"])
+        self.teacher_set_images = state["teacher_set_images"]
+        self.teacher_set_prompts = list(state["teacher_set_prompts"])
+        self.data.cursor = int(state["data_cursor"])
+        self.attempts, self.updates = dict(state["attempts"]), dict(state["updates"])
         self._apply_lr_scale()
 
     def _apply_lr_scale(self) -> None:
@@ -524,6 +668,9 @@ class Trainer:
 
     def log_columns(self) -> list[str]:
         cfg = self.cfg
+        if cfg.teacher_first:
+            return ["loss/teacher", "loss/id", "loss/student", "grad_norm/teacher", "grad_norm/student",
+                    "time/step", "lr_scale"]
         cols = []
         if cfg.use_teacher:
             cols.append("loss/teacher")
@@ -567,6 +714,13 @@ class Trainer:
             (self.out / "config.json").write_text(self.cfg.to_json())
         self.save_checkpoint()  # step 0: a rollback target from the start
 
+    def _check_some_update_applied(self) -> None:
+        """A model whose every update was skipped (non-finite) has learnt nothing: fail, don't save it."""
+        never = [m for m in _MODELS if self.attempts[m] and not self.updates[m]]
+        if never:
+            raise OpadError(f"no update of the {' or '.join(never)} was applied in {self.step} step(s): every one was "
+                            "non-finite (see log.csv); lower the learning rates or check the data")
+
     def _rollback(self, reason: str) -> str:
         latest = latest_checkpoint(self.out)
         if latest is None or self.rollbacks >= self.cfg.max_rollbacks:
@@ -595,6 +749,8 @@ class Trainer:
                     self.write_preview(self.step)
                 if self._collab_due(self.step):
                     self.refresh_collab_buffer()
+                if cfg.teacher_first and self.step >= cfg.teacher_first_steps and not self.teacher_set_prompts:
+                    self.sample_teacher_set()
                 start = time.perf_counter()
                 outcome = self.iteration()
                 outcome.values["time/step"] = time.perf_counter() - start
@@ -624,6 +780,7 @@ class Trainer:
                 if stop:
                     print(f"stopped at step {self.step}; continue with --resume", file=sys.stderr)
                     return self.out
+            self._check_some_update_applied()
             self.write_preview(self.step)
             self.save_concepts()
         finally:

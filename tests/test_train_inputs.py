@@ -68,7 +68,7 @@ def test_batches_are_augmented_and_deterministic(photos):
         ("ok", dict(class_name="stuffed animal"), "initialiser word 'stuffed animal' is 2 tokens"),
         ("ok", dict(), "--class-name is required"),
         ("ok", dict(class_name="dog", discriminators=["dino_v1", "stylegan"]), "unknown discriminator 'stylegan'"),
-        ("ok", dict(class_name="dog", id_encoder="vgg"), "unknown identity encoder 'vgg'"),
+        ("ok", dict(class_name="dog", id_encoder="vgg"), "--id-encoder must be one of dino_v1, dino_v2, clip, got 'vgg'"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_dir, tmp_path, setup, overrides, message):
