@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from opad.errors import OpadError
 from opad.fsutil import staged_dir
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -61,3 +62,16 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, *, keep: int) -> Path
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+
+
+def load_newest_readable(out_dir: Path) -> tuple[int, Path, dict, list[tuple[Path, str]]]:
+    """(step, folder, state) of the newest checkpoint that loads, and the newer ones that did not
+    (folder, reason): a file truncated or damaged after it was written (a full disk, a bad copy)."""
+    unreadable = []
+    for step, path in reversed(complete_checkpoints(out_dir)):
+        try:
+            return step, path, load_checkpoint(path), unreadable
+        except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+            unreadable.append((path, str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__))
+    names = ", ".join(p.name for p, _ in unreadable) or "none"
+    raise OpadError(f"no readable checkpoint in {checkpoints_dir(out_dir)} (damaged: {names})")

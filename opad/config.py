@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from opad.profiles import PROFILES, describe_default, profile_defaults
 DISCRIMINATORS = ("dino_v1", "dino_v2", "clip")
 ID_ENCODERS = DISCRIMINATORS
 RESIZE_MODES = ("antialias", "area", "bilinear")
+MAX_SEED = 2**32 - 1
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class _FromProfile:
@@ -180,7 +184,13 @@ class TrainConfig:
         if self.profile not in PROFILES:
             raise OpadError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         c = self.with_profile()
+        hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(c):
+            value, flag = getattr(c, f.name), "--" + f.name.replace("_", "-")
+            check_type(flag, value, hints[f.name], "")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not (math.isfinite(value) and value >= 0):  # no field takes a negative or NaN
+                raise OpadError(f"{flag} must be a finite number >= 0, got {value}")
             choices = f.metadata.get("choices")
             if choices and getattr(c, f.name) not in choices:
                 raise OpadError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
@@ -199,11 +209,24 @@ class TrainConfig:
             raise OpadError(f"--collab-mix must be in [0, 1], got {c.collab_mix}")
         for name in ("batch_size", "preview_every", "checkpoint_every", "keep_checkpoints", "collab_refresh",
                      "collab_buffer", "swd_scales", "swd_projections", "swd_patch", "max_bad_steps",
-                     "teacher_first_samples", "teacher_first_sample_steps"):
+                     "teacher_first_samples", "teacher_first_sample_steps", "preview_teacher_steps"):
             if getattr(c, name) < 1:
                 raise OpadError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
         if c.max_steps is not None and c.max_steps < 1:
             raise OpadError(f"--max-steps must be at least 1, got {c.max_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not getattr(c, name) < 1:
+                raise OpadError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(c, name)}")
+        if not 0 < c.rollback_lr_factor <= 1:
+            raise OpadError(f"--rollback-lr-factor must be in (0, 1], got {c.rollback_lr_factor}")
+        if c.seed > MAX_SEED:
+            raise OpadError(f"--seed must be in 0..{MAX_SEED}, got {c.seed}")
+        if c.resolution is not None and c.resolution < 8:
+            raise OpadError(f"--resolution must be a positive multiple of 8, got {c.resolution}")
+        if c.swd_patch % 2 == 0:
+            raise OpadError(f"--swd-patch must be odd (a patch centred on each pixel), got {c.swd_patch}")
+        if not _DEVICE.match(c.device):
+            raise OpadError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
         if c.teacher_first:
             if not c.use_teacher:
                 raise OpadError("--teacher-first needs the teacher; it cannot be combined with --use-teacher false")
@@ -255,6 +278,30 @@ def _field_parser(tp) -> typing.Callable:
     return tp
 
 
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def check_type(name: str, value, tp, where: str):
+    """``value`` as field type ``tp`` (an int for a float, a comma string for a list), or an OpadError
+    naming the field. ``FROM_PROFILE`` passes: the profile fills it in later."""
+    if value is FROM_PROFILE:
+        return value
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return None if value is None else check_type(name, value, next(a for a in args if a is not type(None)), where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (bool, str) and isinstance(value, tp) or tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            return _list(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    kind = _KINDS.get(tp, "a list of strings (or one comma-separated string)")
+    raise OpadError(f"{where}{name} must be {kind}, got {value!r:.80}")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field; flags not given stay absent so a config file's value survives."""
     hints = typing.get_type_hints(TrainConfig)
@@ -272,7 +319,10 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise OpadError(f"config file not found: {path!r}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise OpadError(f"config file {path!r} could not be read: {e}") from e
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml
@@ -281,14 +331,15 @@ def read_config_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise OpadError(f"config file {path!r} could not be parsed: {e}") from e
+        raise OpadError(f"config file {path!r} could not be parsed: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise OpadError(f"config file {path!r} must hold a mapping of field names to values")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise OpadError(f"config file {path!r}: unknown field(s) {', '.join(unknown)}")
-    return data
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: check_type(name, value, hints[name], f"config file {path!r}: ") for name, value in data.items()}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -297,9 +348,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    for key in ("discriminators", "backbone_weights", "preview_prompts"):
-        if isinstance(values.get(key), str):
-            values[key] = _list(values[key])
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

@@ -7,18 +7,19 @@ and resumable bit for bit.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from opad.errors import OpadError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 # Textual Inversion's 27 "a photo of a {}" templates, as Custom Diffusion and the release use.
 TEMPLATES = [
@@ -36,8 +37,19 @@ RELEASE_TEMPLATES = [t for t in TEMPLATES if "close" not in t]
 FAR_HINTS, NEAR_HINTS = ("a far away", "very small"), ("zoomed in", "close up")
 
 
+MAX_ASPECT = 2.5  # beyond this a centre crop keeps less than 40% of the photo: warn
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode; transparency is composited onto white."""
+    """RGB from any mode; transparency is composited onto white, 16/32-bit grey scaled (not clipped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # PIL's convert("RGB") clips these to 0..255: white
+        peak = max(65535, img.getextrema()[1])  # 16-bit range (a 32-bit "I" image beyond it: its own max)
+        grey = (np.asarray(img, dtype=np.float64) / peak * 255).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -45,34 +57,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder``; other entries with an image suffix (folders, pipes, broken links)
+    are skipped with a warning: opening a FIFO would wait forever."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.is_file():
+            files.append(p)
+        else:
+            warn(f"skipping {str(p)!r}: not a regular file")
+    return files
+
+
+def _read_image(path: Path) -> Image.Image:
+    """One photo as RGB, upright (EXIF orientation applied); warns about animations (first frame used)."""
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                warn(f"{str(path)!r} is animated ({im.n_frames} frames); using its first frame")
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise OpadError(f"image {str(path)!r} is too large to open safely ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise OpadError(f"could not read image {str(path)!r}: it is corrupt or not an image ({e})") from e
+
+
 def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bool, what: str = "instance",
                 crop: str = "center") -> list[Tensor]:
     """Every image in ``folder`` as a square (3, S, S) float tensor in [0, 1], S >= ``resolution``.
 
-    Images are centre-cropped to a square and kept at up to 1.4x the resolution (the largest
-    zoom of the scale augmentation). Errors name the file and the problem.
+    Images are centre-cropped (or, ``crop="stretch"``, squeezed) to a square and kept at up to 1.4x
+    the resolution (the largest zoom of the scale augmentation). Errors name the file and the problem.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise OpadError(f"{what} folder not found: {str(folder)!r}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = _image_files(folder)
     if not files:
         raise OpadError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
     keep = round(1.4 * resolution)
     images = []
     for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                img = _to_rgb(im)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise OpadError(f"could not read image {str(path)!r}: it is corrupt or not an image ({e})") from e
+        img = _read_image(path)
         w, h = img.size
         if min(w, h) < resolution and not allow_upscale:
             raise OpadError(
                 f"image {str(path)!r} is {w}x{h}, smaller than the training resolution {resolution}; "
                 "use larger photos, a lower --resolution, or pass --allow-upscale"
             )
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            kept = "squeezed" if crop == "stretch" else f"the centre crop keeps {min(w, h) / max(w, h):.0%} of it"
+            warn(f"{str(path)!r} is {w}x{h}, an extreme aspect ratio: {kept}")
         side = min(w, h)
         if crop == "stretch":  # the release resizes the whole photo to a square (train_opad.py L310)
             img = img.resize((side, side), Image.Resampling.BICUBIC)

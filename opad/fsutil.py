@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from opad.errors import OpadError
+
 
 @contextlib.contextmanager
 def staged_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
@@ -32,3 +34,17 @@ def staged_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_can_create(path: str | os.PathLike, what: str) -> None:
+    """Refuse, in one line, an output folder that cannot be made: under a file, or where nothing can
+    be written. Probes by making (and removing) a temporary folder in the nearest existing parent,
+    since permission bits do not stop root and read-only or virtual file systems refuse anyway."""
+    target = Path(path).absolute()
+    parent = next(p for p in (target, *target.parents) if p.exists())
+    if not parent.is_dir():
+        raise OpadError(f"cannot write {what} {str(path)!r}: {str(parent)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".opad-probe-", dir=parent))
+    except OSError as e:
+        raise OpadError(f"cannot write {what} {str(path)!r}: {e.strerror or e}") from e

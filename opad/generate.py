@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import opad
+from opad.config import MAX_SEED
 from opad.errors import OpadError
-from opad.fsutil import staged_dir
+from opad.fsutil import check_can_create, staged_dir
 from opad.models.concept import load_concept
 from opad.models.loading import load_models
 from opad.runtime import pick_device, pick_dtype
@@ -49,6 +50,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise OpadError("--prompt is empty")
     if args.num_images < 1:
         raise OpadError(f"--num-images must be at least 1, got {args.num_images}")
+    if not 0 <= args.seed <= MAX_SEED - (args.num_images - 1):
+        raise OpadError(f"--seed must be in 0..{MAX_SEED} (image i uses seed + i), got {args.seed}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise OpadError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     out = Path(args.out)
@@ -56,6 +59,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise OpadError(f"--out {args.out!r} is a file")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise OpadError(f"--out {args.out!r} is not empty; pass --overwrite to replace it")
+    check_can_create(out, "--out")
     if args.concept is not None and not Path(args.concept).is_dir():
         raise OpadError(f"concept folder not found: {args.concept!r}")
 
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except OpadError as e:
+    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.num_images} image(s) and generation.json to {out}")

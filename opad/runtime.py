@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from opad.errors import OpadError
@@ -10,9 +12,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` means CUDA when there is a GPU, else CPU."""
+    """``auto`` means CUDA when there is a GPU, else CPU; otherwise cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise OpadError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OpadError(f"device {name!r} requested but no CUDA GPU is available")

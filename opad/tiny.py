@@ -25,7 +25,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.errors import OpadError
-from opad.fsutil import staged_dir
+from opad.fsutil import check_can_create, staged_dir
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer
 
 PRESET_VERSION = "tiny-v1"  # bump when the preset's content changes, so caches are rebuilt
@@ -120,6 +120,7 @@ def write_tiny_preset(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise OpadError(f"{out_dir} already exists; choose a new folder for the tiny preset")
+    check_can_create(out_dir, "the tiny preset to")
     torch.manual_seed(SEED)
     text_encoder = _text_encoder()
     vae = _vae()
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_tiny_preset(args.out_dir)
-    except OpadError as e:
+    except (OpadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path / 'teacher'} and {path / 'student'}")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         trainer = Trainer(cfg)
         out = trainer.train()
-    except OpadError as e:
+    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
         print(f"error: {e}", file=sys.stderr)
         return 2
     if trainer.step < trainer.cfg.max_steps:

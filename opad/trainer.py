@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from opad import losses
 from opad.backbones import DiscriminatorHead, FrozenBackbone, build_backbone
-from opad.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.config import DISCRIMINATORS, TrainConfig
 from opad.data import Batch, ConceptData, load_images
 from opad.diffusion import add_noise, c_weight, teacher_x0, unet_prediction, velocity
 from opad.errors import OpadError
 from opad.example_concept import CLASS_NAME as EXAMPLE_CLASS
 from opad.example_concept import example_concept_dir
+from opad.fsutil import check_can_create
 from opad.models.concept import add_modifier_tokens, detach_start_token_kv, enable_kv_training, save_concept
 from opad.models.loading import load_models
 from opad.previews import write_preview
@@ -83,6 +84,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise OpadError(f"--output-dir {cfg.output_dir!r} is a file")
+    check_can_create(out, "--output-dir")
     if cfg.resume:
         if latest_checkpoint(out) is None:
             raise OpadError(f"nothing to resume in {cfg.output_dir!r}: it has no complete checkpoint")
@@ -652,8 +654,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def preview_prompts(self) -> list[str]:
+        """The preview prompts, ``{}`` replaced by the token + class (other braces are the user's text)."""
         templates = self.cfg.preview_prompts or ["a photo of a {}", "a {} on the beach"]
-        return [t.format(self.subject) if "{}" in t else t for t in templates]
+        return [t.replace("{}", self.subject) for t in templates]
 
     def write_preview(self, step: int) -> Path | None:
         return write_preview(self, step) if self.is_main else None
@@ -700,8 +703,11 @@ class Trainer:
         """Fresh run: clear old artefacts (with --overwrite) and write config.json; resume: restore."""
         if self.cfg.resume:
             removed = remove_partial(self.out)
-            step, path = latest_checkpoint(self.out)
-            self.load_state_dict(load_checkpoint(path))
+            step, path, state, unreadable = load_newest_readable(self.out)
+            for bad, why in unreadable:
+                print(f"warning: checkpoint {bad.name} is unreadable ({why}); falling back to an older one",
+                      file=sys.stderr)
+            self.load_state_dict(state)
             print(f"resuming from {path} (step {step})" + (f"; removed {len(removed)} partial checkpoint(s)"
                                                             if removed else ""), file=sys.stderr)
             return
@@ -722,18 +728,18 @@ class Trainer:
                             "non-finite (see log.csv); lower the learning rates or check the data")
 
     def _rollback(self, reason: str) -> str:
-        latest = latest_checkpoint(self.out)
-        if latest is None or self.rollbacks >= self.cfg.max_rollbacks:
+        if latest_checkpoint(self.out) is None or self.rollbacks >= self.cfg.max_rollbacks:
             raise OpadError(
                 f"training diverged at step {self.step}: {self.cfg.max_bad_steps} non-finite steps in a row ({reason})"
                 f" after {self.rollbacks} rollback(s); lower the learning rates or check the data"
             )
         rollbacks, scale = self.rollbacks + 1, self.lr_scale * self.cfg.rollback_lr_factor
-        self.load_state_dict(load_checkpoint(latest[1]))
+        step, _, state, _ = load_newest_readable(self.out)
+        self.load_state_dict(state)
         self.rollbacks, self.lr_scale = rollbacks, scale
         self._apply_lr_scale()
         self.bad_steps = 0
-        return f"rollback to step {latest[0]} with lr x{scale:g}"
+        return f"rollback to step {step} with lr x{scale:g}"
 
     def train(self, until: int | None = None) -> Path:
         """Run to ``max_steps`` (or stop after step ``until``, with a checkpoint); return the output dir."""

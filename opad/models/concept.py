@@ -165,13 +165,21 @@ def save_concept(
     if unknown:
         raise OpadError(f"cannot save concept: {unknown} were never added to the tokenizer")
     ids = [added[t] for t in tokens]
+    state = concept_state_dict(unet)
+    rows = {token: table[token_id].detach().float().cpu().contiguous() for token, token_id in zip(tokens, ids)}
+    for key, value in {**state, **rows}.items():
+        _check_finite(value, f"cannot save concept to {str(out_dir)!r}: {key!r}")
     with staged_dir(out_dir, replace=replace) as tmp:
-        safetensors.torch.save_file(concept_state_dict(unet), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        for token, token_id in zip(tokens, ids):
-            row = table[token_id].detach().float().cpu().contiguous()
+        safetensors.torch.save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        for token, row in rows.items():
             safetensors.torch.save_file({token: row}, tmp / f"{token}.safetensors", metadata={"format": "pt"})
         (tmp / META_NAME).write_text(json.dumps({"tokens": tokens, "format": "custom-diffusion"}, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _check_finite(value: torch.Tensor, where: str) -> None:
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise OpadError(f"{where} holds values that are not finite (NaN or inf)")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -219,6 +227,7 @@ def _checked_kv(concept_dir: Path, unet: UNet2DConditionModel) -> dict[str, tupl
             )
         if not value.is_floating_point():
             raise OpadError(f"{path}: key {key!r} has dtype {value.dtype}; expected a floating-point tensor")
+        _check_finite(value, f"{path}: key {key!r}")
         checked[key] = (value, target)
     return checked
 
@@ -239,6 +248,7 @@ def _checked_embeddings(concept_dir: Path, tokens: list[str], tokenizer: CLIPTok
             )
         if not row.is_floating_point():
             raise OpadError(f"{path}: key {token!r} has dtype {row.dtype}; expected a floating-point tensor")
+        _check_finite(row, f"{path}: key {token!r}")
         rows.append(row)
     return rows
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from diffusers.schedulers import DDIMScheduler, EulerDiscreteScheduler
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
@@ -127,6 +128,20 @@ def _check_widths(teacher: ModelSource, student: ModelSource) -> None:
             )
 
 
+def _check_weight_files(src: ModelSource, parts: tuple[str, ...]) -> None:
+    """Name a damaged weights file before the loaders fail on it without saying which: opening a
+    safetensors file reads only its header, which also tells a truncated file from a whole one."""
+    if not src.is_local:
+        return
+    for part in parts:
+        for path in sorted((Path(src.path) / part).glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise OpadError(f"{path} is damaged or not a safetensors file ({e}); download or copy it again") from e
+
+
 def _frozen(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     module.requires_grad_(False)
     return module.to(device=device).eval()
@@ -166,6 +181,9 @@ def load_models(
     s_src = resolve_source(student, "student", STUDENT_PARTS if load_teacher else TEACHER_PARTS)
     t_src = resolve_source(teacher, "teacher", TEACHER_PARTS) if load_teacher else None
     _check_widths(t_src or s_src, s_src)
+    _check_weight_files(s_src, STUDENT_PARTS if load_teacher else TEACHER_PARTS)
+    if t_src is not None:
+        _check_weight_files(t_src, TEACHER_PARTS)
     try:
         student_parts = _load_pipeline_parts(s_src, dtype, with_shared=not load_teacher)
         student_scheduler = EulerDiscreteScheduler.from_pretrained(s_src.path, subfolder="scheduler", **s_src.load_kwargs())
@@ -173,7 +191,7 @@ def load_models(
         if t_src is not None:
             teacher_parts = _load_pipeline_parts(t_src, dtype, with_shared=True)
             teacher_scheduler = DDIMScheduler.from_pretrained(t_src.path, subfolder="scheduler", **t_src.load_kwargs())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         names = f"teacher {t_src.spec!r}, student {s_src.spec!r}" if t_src else f"student {s_src.spec!r}"
         raise OpadError(f"could not load models ({names}): {e}") from e
     shared = teacher_parts if t_src is not None else student_parts
