@@ -252,8 +252,8 @@ class Trainer:
             return choice
         if clip_source == "tiny":
             return "tiny"
-        if self.cfg.clip_arch != "ViT-H-14":
-            return None
+        if self.cfg.clip_arch != "ViT-H-14" or not (clip_source.startswith("hub") or Path(clip_source).exists()):
+            return None  # a missing weights file is the first problem to report (build_backbone does)
         if clip_source.startswith("hub"):
             return "hub"
         beside = [Path(clip_source).parent / f"ip-adapter_sd15{ext}" for ext in (".safetensors", ".bin")]
