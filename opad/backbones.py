@@ -11,6 +11,10 @@ Backbones by name, each with its own input size and normalisation:
 Weights come from a local file (or, for clip, a transformers ``CLIPVisionModelWithProjection``
 folder such as IP-Adapter's ``models/image_encoder``), from the hub only when asked (``hub`` /
 ``hub:TAG``), or, for the tiny preset, are random tiny models of the same families (``tiny``).
+
+Resizing to the input size is bilinear with antialiasing by default; ``area`` is the release's for
+its discriminators and ``bilinear`` (no antialiasing) its identity input. ``normalize=False`` feeds
+the release's raw ``x * 2 - 1`` instead of the mean/std normalisation.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class FrozenBackbone(nn.Module):
         self.normalize = normalize
         self.resize = resize
         self.tokens = projection.tokens if projection is not None else 1
+        self._feature_dim = projection.tokens * projection.token_dim if projection is not None else _width(encoder)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -90,10 +95,14 @@ class FrozenBackbone(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        with torch.no_grad():
-            return self(torch.zeros(1, 3, 8, 8, device=self.mean.device)).shape[1]
+        """Width D of the feature; read from the model (a forward pass only for unknown encoders)."""
+        if self._feature_dim is None:
+            with torch.no_grad():
+                self._feature_dim = self(torch.zeros(1, 3, 8, 8, device=self.mean.device)).shape[1]
+        return self._feature_dim
 
     def forward(self, images: Tensor, resize: str | None = None) -> Tensor:
+        """(B, 3, H, W) images, nominally [0, 1] -> (B, D) float32; ``resize`` overrides the default mode."""
         x = resize_images(images, self.input_size, resize or self.resize)
         x = (x - self.mean.to(x)) / self.std.to(x) if self.normalize else x * 2 - 1  # release: raw [-1, 1]
         features = self.encoder(x.to(next(self.encoder.parameters()).dtype)).float()
@@ -111,11 +120,24 @@ class _TransformersVision(nn.Module):
         return self.model(pixel_values=pixels).image_embeds
 
 
+def _width(encoder: nn.Module) -> int | None:
+    """The pooled feature width of an open_clip, timm or transformers encoder (None if unknown)."""
+    if isinstance(encoder, _TransformersVision):
+        return encoder.model.config.projection_dim
+    width = getattr(encoder, "output_dim", None) or getattr(encoder, "head_hidden_size", None)  # open_clip / timm
+    return width if isinstance(width, int) else None
+
+
 # ---------------------------------------------------------------------------- reading weights
-def _read_state_dict(path: str) -> dict[str, Tensor]:
-    """A flat tensor dict from .safetensors or a plain torch file (weights only: never unpickles code)."""
+def _read_state_dict(path: str, prefix: str = "") -> dict[str, Tensor]:
+    """A flat tensor dict from .safetensors or a plain torch file (weights only: never unpickles code).
+
+    With ``prefix``, a .safetensors file yields only the keys that start with it when it has any
+    (ViT-H-14's visual tower without reading the 1.4 GB text tower)."""
     if path.endswith(".safetensors"):
-        return safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, framework="pt") as f:
+            keys = [k for k in f.keys() if k.startswith(prefix)] or list(f.keys())
+            return {k: f.get_tensor(k) for k in keys}
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -126,38 +148,80 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
 
 
 def _offline_error(what: str, target: str, flag: str, error: Exception) -> OpadError:
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    """One line: what it would have downloaded, a short reason, and the flag that takes a local file."""
+    from huggingface_hub.constants import is_offline_mode
+
+    if is_offline_mode():
+        reason = "offline mode (HF_HUB_OFFLINE=1)"
+    else:
+        text = " ".join(str(error).split())
+        reason = f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}" if text \
+            else type(error).__name__
     return OpadError(f"could not download {what}: {target}: {reason}; download it elsewhere and pass {flag}")
 
 
 # ---------------------------------------------------------------------------- encoders
-def _timm_encoder(timm_name: str, source: str, seed: int) -> nn.Module:
+def _timm_hub_file(name: str, timm_name: str, source: str) -> str:
+    """Download timm's weights of ``timm_name`` (``hub:TAG`` swaps its pretrained tag) before building
+    the model, so that an offline run fails at once; returns the local file."""
+    from huggingface_hub import hf_hub_download
+
+    tag = source.partition(":")[2]
+    timm_name = f"{timm_name.split('.')[0]}.{tag}" if tag else timm_name
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm_name, allow_unregistered=False)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    if cfg is None or not cfg.hf_hub_id:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(timm_name.split(".")[0] + ".*")]
+        raise OpadError(f"timm has no hub weights {timm_name!r}; its tags: {', '.join(tags) or 'none'}")
+    filename = cfg.hf_hub_filename or "model.safetensors"  # timm's own choice (load_state_dict_from_hf)
+    try:
+        return hf_hub_download(cfg.hf_hub_id, filename)
+    except Exception as e:  # noqa: BLE001 - network, offline mode or a hub error: say what was wanted
+        raise _offline_error(f"the {name} backbone", f"timm {timm_name!r} (hf-hub:{cfg.hf_hub_id})",
+                             f"--backbone-weights {name}=FILE", e) from e
+
+
+def _timm_encoder(name: str, timm_name: str, source: str, seed: int) -> nn.Module:
+    """A timm ViT without classifier: random tiny, or with weights from the hub or a file (timm's own
+    loader: it reads weights only and converts e.g. the official DINOv2 checkpoints' layout)."""
     if source == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return timm.create_model(timm_name, pretrained=False, num_classes=0, **_TINY_VIT)
     if source.startswith("hub"):
-        return timm.create_model(timm_name, pretrained=True, num_classes=0)
+        source = _timm_hub_file(name, timm_name, source)
     return timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": source})
 
 
-def _clip_vision_tower(arch: str) -> nn.Module:
-    """The open_clip vision tower of ``arch`` alone (random init; ViT-H-14's text tower is 1.4 GB more)."""
+def _clip_vision_tower(arch: str, quick_gelu: bool | None = None) -> nn.Module:
+    """The open_clip vision tower of ``arch`` alone (random init; ViT-H-14's text tower is 1.4 GB more).
+
+    ``quick_gelu`` overrides the architecture's activation (OpenAI's weights were trained with QuickGELU;
+    open_clip's ``*-quickgelu`` architectures say so themselves)."""
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise OpadError(f"unknown open_clip architecture {arch!r} (--clip-arch), e.g. ViT-H-14 or ViT-B-16")
     vision_cfg = open_clip.model.CLIPVisionCfg(**cfg["vision_cfg"])
-    return open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+    quick_gelu = cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu
+    return open_clip.model._build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
 
 
-def _load_clip_visual(arch: str, path: str) -> nn.Module:
-    """An open_clip checkpoint of ``arch``: a whole CLIP state dict or only its visual tower."""
-    state = _read_state_dict(path)
+def _load_clip_visual(arch: str, path: str, quick_gelu: bool | None = None) -> nn.Module:
+    """An open_clip checkpoint of ``arch``: a whole CLIP state dict or only its visual tower (keys
+    with or without ``visual.``). The tower is built on the meta device and takes the file's tensors
+    (as float32), so no random init is computed and only one copy of the weights is held."""
+    state = _read_state_dict(path, prefix="visual.")
     if any(k.startswith("visual.") for k in state):
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    visual = _clip_vision_tower(arch)
-    visual.load_state_dict(state, strict=True)
-    return visual
+    with torch.device("meta"):
+        visual = _clip_vision_tower(arch, quick_gelu)
+    visual.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*visual.named_parameters(), *visual.named_buffers()] if t.is_meta]
+    if left:  # a buffer the checkpoint does not hold (none in open_clip's ViTs today)
+        raise ValueError(f"the checkpoint leaves {', '.join(left[:3])} unset")
+    return visual.float()
 
 
 def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
@@ -174,7 +238,9 @@ def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
     if Path(source).is_dir():  # IP-Adapter's models/image_encoder (transformers format)
         from transformers import CLIPVisionModelWithProjection
 
-        model = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=True)
+        # float32 as the release (util_disc.py IPAdapterDisc: dtype=torch.float32); transformers 5
+        # would otherwise keep the checkpoint's dtype (IP-Adapter's image_encoder is stored in fp16)
+        model = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=True, dtype=torch.float32)
         return _TransformersVision(model), model.config.image_size
     if source.startswith("hub"):
         tag = source.partition(":")[2] or CLIP_DEFAULT_TAGS.get(arch, "openai")
@@ -190,10 +256,14 @@ def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
                                  "--backbone-weights clip=FILE", e) from e
         if not path:
             raise OpadError(f"could not download the clip backbone: open_clip {arch} pretrained {tag!r} ({where})")
-        if cfg.get("quick_gelu"):  # e.g. OpenAI's weights: open_clip's own loader knows their quirks
-            return open_clip.create_model(arch, pretrained=tag).visual, cfg.get("image_size", 224)
-        return _load_clip_visual(arch, path), open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
-    return _load_clip_visual(arch, source), open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
+        # the tag knows whether its weights need QuickGELU (OpenAI's); open_clip's create_model only warns
+        return _load_clip_visual(arch, path, cfg.get("quick_gelu", False)), _clip_input_size(arch)
+    return _load_clip_visual(arch, source), _clip_input_size(arch)
+
+
+def _clip_input_size(arch: str) -> int:
+    size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", 224)
+    return size if isinstance(size, int) else size[0]
 
 
 # ---------------------------------------------------------------------------- IP-Adapter projection
@@ -214,11 +284,13 @@ def _ip_adapter_projection(source: str, in_dim: int, seed: int) -> ImageProjecti
     if not Path(source).is_file():
         raise OpadError(f"IP-Adapter projection file not found: {source!r}")
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True) if not source.endswith(".safetensors") \
-            else safetensors.torch.load_file(source)
+        state = _read_state_dict(source, prefix="image_proj.")
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        raise OpadError(f"could not read the IP-Adapter projection {source!r}: {e}") from e
-    if isinstance(state.get("image_proj"), dict):  # ip-adapter_sd15.bin: {"image_proj": ..., "ip_adapter": ...}
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise OpadError(f"could not read the IP-Adapter projection {source!r}: {first}") from e
+    # as util_disc.py IPAdapterDisc.load_ip_adapter_only_proj: nested (ip-adapter_sd15.bin) or flat
+    # "image_proj."-prefixed keys (the .safetensors); the "ip_adapter" attention weights are not needed
+    if isinstance(state.get("image_proj"), dict):
         state = state["image_proj"]
     state = {k.removeprefix("image_proj."): v for k, v in state.items() if not k.startswith("ip_adapter.")}
     need = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
@@ -229,9 +301,11 @@ def _ip_adapter_projection(source: str, in_dim: int, seed: int) -> ImageProjecti
     token_dim = state["norm.weight"].shape[0]
     if width != in_dim:
         raise OpadError(f"IP-Adapter projection {source!r} takes {width}-wide image embeddings but the clip "
-                        f"backbone gives {in_dim}; it belongs to another image encoder (IP-Adapter SD1.5's is ViT-H-14)")
+                        f"backbone gives {in_dim}; it belongs to another image encoder "
+                        "(IP-Adapter SD1.5's is ViT-H-14)")
     if rows % token_dim:
-        raise OpadError(f"IP-Adapter projection {source!r}: {rows} outputs are not a whole number of {token_dim}-wide tokens")
+        raise OpadError(f"IP-Adapter projection {source!r}: {rows} outputs are not a whole number of "
+                        f"{token_dim}-wide tokens")
     projection = ImageProjection(in_dim, rows // token_dim, token_dim)
     projection.load_state_dict({k: state[k] for k in need})
     return projection
@@ -248,6 +322,8 @@ def build_backbone(
         raise OpadError(f"unknown backbone {name!r}; choose from dino_v1, dino_v2, clip")
     if ip_adapter is not None and name != "clip":
         raise OpadError(f"the IP-Adapter projection applies to the clip backbone, not {name}")
+    if resize not in RESIZE_MODES:  # before loading any weights
+        raise OpadError(f"unknown resize mode {resize!r}; choose from {', '.join(RESIZE_MODES)}")
     local = source not in ("tiny",) and not source.startswith("hub")
     if local and not (Path(source).is_file() or (name == "clip" and Path(source).is_dir())):
         raise OpadError(f"{name} backbone weights file not found: {source!r}")
@@ -257,18 +333,14 @@ def build_backbone(
             encoder, size = _clip_encoder(clip_arch, source, seed)
             mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
         else:
+            if name == "dino_v2" and ("dino_v2", dino_v2_size) not in TIMM_NAMES:
+                raise OpadError(f"unknown DINOv2 size {dino_v2_size!r} (--dino-v2-size); choose small or large")
             timm_name = TIMM_NAMES["dino_v1"] if name == "dino_v1" else TIMM_NAMES[("dino_v2", dino_v2_size)]
-            try:
-                encoder = _timm_encoder(timm_name, source, seed)
-            except Exception as e:  # noqa: BLE001
-                if source.startswith("hub"):
-                    raise _offline_error(f"the {name} backbone", f"timm {timm_name!r} (hf-hub:timm/{timm_name})",
-                                         f"--backbone-weights {name}=FILE", e) from e
-                raise
+            encoder = _timm_encoder(name, timm_name, source, seed)
             size, mean, std = (224 if name == "dino_v1" else 518), IMAGENET_MEAN, IMAGENET_STD
-        backbone = FrozenBackbone(name, encoder, size, mean, std, normalize=normalize, resize=resize)
         if ip_adapter is not None:
-            projection = _ip_adapter_projection(ip_adapter, backbone.feature_dim, seed)
+            pooled = FrozenBackbone(name, encoder, size, mean, std).feature_dim
+            projection = _ip_adapter_projection(ip_adapter, pooled, seed)
     except OpadError:
         raise
     except Exception as e:  # noqa: BLE001 - timm/open_clip/transformers raise many types for a bad file
