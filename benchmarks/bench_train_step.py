@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         b, dev, n = tr.bundle, tr.device, args.batch_size
         batch = tr.next_batch()
         cond = tr._encode(b.text_encoder, batch.prompts).detach()
-        shape = f"b{n}x{tr.resolution}px"
+        shape = f"b{n}x{tr.resolution}px,{args.profile}"
         rows = []
 
         def add(name, fn):
