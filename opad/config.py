@@ -192,9 +192,8 @@ class TrainConfig:
             if number and not (math.isfinite(value) and value >= 0):  # no field takes a negative or NaN
                 raise OpadError(f"{flag} must be a finite number >= 0, got {value}")
             choices = f.metadata.get("choices")
-            if choices and getattr(c, f.name) not in choices:
-                raise OpadError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                f"got {getattr(c, f.name)!r}")
+            if choices and value not in choices:
+                raise OpadError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         bad = [d for d in c.discriminators if d not in DISCRIMINATORS]
         if bad:
             raise OpadError(f"unknown discriminator {bad[0]!r}; choose from {', '.join(DISCRIMINATORS)} (or 'none')")

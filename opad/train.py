@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             if saved.is_file():
                 args.config = str(saved)
         cfg = config_from_args(args)
-        from opad.trainer import Trainer  # heavy imports after the arguments are known to be valid
+        from opad.trainer import build_trainer  # heavy imports after the arguments are known to be valid
 
         start = time.perf_counter()
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         out = trainer.train()
     except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
         print(f"error: {e}", file=sys.stderr)

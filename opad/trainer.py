@@ -46,7 +46,7 @@ from opad.models.loading import load_models
 from opad.previews import write_preview
 from opad.runlog import NullLog, RunLog, plot_losses
 from opad.runtime import pick_device
-from opad.sampling import decode_latents, encode_prompts, sample_teacher, student_denoise
+from opad.sampling import decode_latents, encode_prompts, student_denoise
 from opad.tokens import TrainableTokenRows
 
 RUN_ARTEFACTS = ("concept", "teacher_concept", "samples", "checkpoints", "tensorboard", "log.csv",
@@ -182,8 +182,6 @@ class Trainer:
         self.bad_steps = 0
         self.collab_images = torch.empty(0)
         self.collab_prompts: list[str] = []
-        self.teacher_set_images = torch.empty(0)  # --teacher-first: the teacher's samples
-        self.teacher_set_prompts: list[str] = []
         self.attempts = dict.fromkeys(_MODELS, 0)  # optimizer steps tried / applied, per model
         self.updates = dict.fromkeys(_MODELS, 0)
         self.collab_start_step = (None if cfg.collab_start is None else int(round(cfg.collab_start * cfg.max_steps)))
@@ -501,8 +499,6 @@ class Trainer:
         return cond_s if self.student_token_rows else cond_s.detach()
 
     def iteration(self) -> StepOutcome:
-        if self.cfg.teacher_first:
-            return self.teacher_first_iteration()
         cfg, b = self.cfg, self.bundle
         out = StepOutcome()
         batch = self.next_batch()
@@ -514,45 +510,6 @@ class Trainer:
         result = self.student_step(batch.prompts, self.student_cond(batch.prompts, cond), cond.detach(), out, noise)
         self.discriminator_step(result.fake_features, out, batch)
         return out
-
-    # ------------------------------------------------------------------ teacher-first baseline
-    def teacher_first_iteration(self) -> StepOutcome:
-        """Paper §12 / Table 6: the teacher alone (Custom Diffusion) for --teacher-first-steps, then
-        the student on the teacher's samples with the identity loss only."""
-        cfg, b = self.cfg, self.bundle
-        out = StepOutcome()
-        if self.step < cfg.teacher_first_steps:
-            batch = self.data.sample(cfg.batch_size, self.generators["data"])
-            self.teacher_step(batch, self._encode(b.text_encoder, batch.prompts), out)
-            return out
-        idx = torch.randint(0, len(self.teacher_set_prompts), (cfg.batch_size,), generator=self.generators["data"])
-        prompts = [self.teacher_set_prompts[i] for i in idx]
-        with torch.set_grad_enabled(bool(self.student_token_rows)):
-            cond_s = self.student_cond(prompts, self._encode(b.text_encoder, prompts))
-        _, image = self.student_one_step(cond_s, "student", clamp=False)
-        loss = cfg.id_weight * self._id_loss(image, self.teacher_set_images[idx].to(self.device), {}).mean()
-        out.values["loss/id"] = out.values["loss/student"] = loss.item()
-        self._optimizer_step(self.opt_student, self.student_params, loss, "student", out)
-        self._sync_tokens()
-        return out
-
-    @torch.no_grad()
-    def sample_teacher_set(self) -> None:
-        """--teacher-first-samples teacher images (DDIM, CFG) over training prompts, clamped to [0, 1]."""
-        cfg = self.cfg
-        g = self.generators["samples"]
-        prompts = [self.data.prompt(g) for _ in range(cfg.teacher_first_samples)]
-        if self.is_main:
-            print(f"teacher-first: sampling {len(prompts)} teacher images ({cfg.teacher_first_sample_steps} DDIM "
-                  "steps each)", file=sys.stderr)
-        images = []
-        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher samples", leave=False,
-                          disable=not (self.progress and self.is_main)):
-            images.append(sample_teacher(self.bundle, prompts[start : start + cfg.batch_size],
-                                         steps=cfg.teacher_first_sample_steps, guidance_scale=cfg.guidance_scale,
-                                         generator=g, resolution=self.resolution).cpu())
-        self.teacher_set_images = torch.cat(images)
-        self.teacher_set_prompts = prompts
 
     # ------------------------------------------------------------------ collaborative stage
     @torch.no_grad()
@@ -566,6 +523,11 @@ class Trainer:
             images.append(self.student_one_step(cond, "collab")[1].cpu())
         self.collab_images = torch.cat(images)
         self.collab_prompts = prompts
+
+    def before_iteration(self) -> None:
+        """Work due before the step's iteration (kept out of its time): the collaborative buffer."""
+        if self._collab_due(self.step):
+            self.refresh_collab_buffer()
 
     def _collab_due(self, step: int) -> bool:
         s = self.collab_start_step
@@ -586,8 +548,6 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "collab_images": self.collab_images.clone(),
             "collab_prompts": list(self.collab_prompts),
-            "teacher_set_images": self.teacher_set_images.clone(),
-            "teacher_set_prompts": list(self.teacher_set_prompts),
             "data_cursor": self.data.cursor,
             "attempts": dict(self.attempts),
             "updates": dict(self.updates),
@@ -618,8 +578,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.collab_images = state["collab_images"]
         self.collab_prompts = list(state["collab_prompts"])
-        self.teacher_set_images = state["teacher_set_images"]
-        self.teacher_set_prompts = list(state["teacher_set_prompts"])
         self.data.cursor = int(state["data_cursor"])
         self.attempts, self.updates = dict(state["attempts"]), dict(state["updates"])
         self._apply_lr_scale()
@@ -671,9 +629,6 @@ class Trainer:
 
     def log_columns(self) -> list[str]:
         cfg = self.cfg
-        if cfg.teacher_first:
-            return ["loss/teacher", "loss/id", "loss/student", "grad_norm/teacher", "grad_norm/student",
-                    "time/step", "lr_scale"]
         cols = []
         if cfg.use_teacher:
             cols.append("loss/teacher")
@@ -753,10 +708,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 if self.step % cfg.preview_every == 0:
                     self.write_preview(self.step)
-                if self._collab_due(self.step):
-                    self.refresh_collab_buffer()
-                if cfg.teacher_first and self.step >= cfg.teacher_first_steps and not self.teacher_set_prompts:
-                    self.sample_teacher_set()
+                self.before_iteration()
                 start = time.perf_counter()
                 outcome = self.iteration()
                 outcome.values["time/step"] = time.perf_counter() - start
@@ -797,6 +749,15 @@ class Trainer:
         if self.is_main:
             plot_losses(self.out / "log.csv", self.out / "loss_curve.png")
         return self.out
+
+
+def build_trainer(cfg: TrainConfig, *, progress: bool = True) -> Trainer:
+    """The trainer ``cfg`` asks for: OPAD's, or the teacher-first baseline's."""
+    if cfg.teacher_first:
+        from opad.teacher_first import TeacherFirstTrainer
+
+        return TeacherFirstTrainer(cfg, progress=progress)
+    return Trainer(cfg, progress=progress)
 
 
 def _main_thread() -> bool:

@@ -18,9 +18,9 @@ def make_cfg(out_dir, **overrides) -> TrainConfig:
 
 
 def make_trainer(out_dir, **overrides):
-    from opad.trainer import Trainer
+    from opad.trainer import build_trainer
 
-    return Trainer(make_cfg(out_dir, **overrides), progress=False)
+    return build_trainer(make_cfg(out_dir, **overrides), progress=False)
 
 
 def snapshot(trainer) -> dict[str, torch.Tensor]:
