@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opad.errors import OpadError
+from opad.errors import OpadError, first_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMM_NAMES = {
@@ -286,8 +286,7 @@ def _ip_adapter_projection(source: str, in_dim: int, seed: int) -> ImageProjecti
     try:
         state = _read_state_dict(source, prefix="image_proj.")
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise OpadError(f"could not read the IP-Adapter projection {source!r}: {first}") from e
+        raise OpadError(f"could not read the IP-Adapter projection {source!r}: {first_line(e)}") from e
     # as util_disc.py IPAdapterDisc.load_ip_adapter_only_proj: nested (ip-adapter_sd15.bin) or flat
     # "image_proj."-prefixed keys (the .safetensors); the "ip_adapter" attention weights are not needed
     if isinstance(state.get("image_proj"), dict):
@@ -344,7 +343,7 @@ def build_backbone(
     except OpadError:
         raise
     except Exception as e:  # noqa: BLE001 - timm/open_clip/transformers raise many types for a bad file
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300)
         raise OpadError(f"could not load the {name} backbone from {source!r}: {first}") from e
     return FrozenBackbone(name, encoder, size, mean, std, normalize=normalize, resize=resize, projection=projection)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from opad.errors import OpadError
+from opad.errors import OpadError, first_line
 from opad.fsutil import staged_dir
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -72,6 +72,6 @@ def load_newest_readable(out_dir: Path) -> tuple[int, Path, dict, list[tuple[Pat
         try:
             return step, path, load_checkpoint(path), unreadable
         except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
-            unreadable.append((path, str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__))
+            unreadable.append((path, first_line(e, 160)))
     names = ", ".join(p.name for p, _ in unreadable) or "none"
     raise OpadError(f"no readable checkpoint in {checkpoints_dir(out_dir)} (damaged: {names})")

@@ -7,7 +7,6 @@ and resumable bit for bit.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from opad.errors import OpadError
+from opad.errors import OpadError, warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -38,10 +37,6 @@ FAR_HINTS, NEAR_HINTS = ("a far away", "very small"), ("zoomed in", "close up")
 
 
 MAX_ASPECT = 2.5  # beyond this a centre crop keeps less than 40% of the photo: warn
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -15,7 +15,7 @@ from PIL import Image
 
 import opad
 from opad.config import MAX_SEED
-from opad.errors import OpadError
+from opad.errors import OpadError, warn
 from opad.fsutil import check_can_create, staged_dir
 from opad.models.concept import load_concept
 from opad.models.loading import load_models
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.concept is not None:
         tokens = load_concept(args.concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
         if not any(t in args.prompt for t in tokens):
-            print(f"warning: the prompt does not use the concept's token(s) {tokens}", file=sys.stderr)
+            warn(f"the prompt does not use the concept's token(s) {tokens}")
     load_seconds = time.perf_counter() - t0
     resolution = args.resolution or bundle.default_resolution
     out = Path(args.out)

@@ -37,7 +37,7 @@ from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_part
 from opad.config import DISCRIMINATORS, TrainConfig
 from opad.data import Batch, ConceptData, load_images
 from opad.diffusion import add_noise, c_weight, teacher_x0, unet_prediction, velocity
-from opad.errors import OpadError
+from opad.errors import OpadError, warn
 from opad.example_concept import CLASS_NAME as EXAMPLE_CLASS
 from opad.example_concept import example_concept_dir
 from opad.fsutil import check_can_create
@@ -660,8 +660,7 @@ class Trainer:
             removed = remove_partial(self.out)
             step, path, state, unreadable = load_newest_readable(self.out)
             for bad, why in unreadable:
-                print(f"warning: checkpoint {bad.name} is unreadable ({why}); falling back to an older one",
-                      file=sys.stderr)
+                warn(f"checkpoint {bad.name} is unreadable ({why}); falling back to an older one")
             self.load_state_dict(state)
             print(f"resuming from {path} (step {step})" + (f"; removed {len(removed)} partial checkpoint(s)"
                                                             if removed else ""), file=sys.stderr)
