@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opad.config import RESIZE_MODES
 from opad.errors import OpadError, first_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,7 +39,6 @@ TIMM_NAMES = {
 }
 CLIP_DEFAULT_TAGS = {"ViT-H-14": "laion2b_s32b_b79k"}  # other architectures: "openai"
 IP_ADAPTER_HUB = ("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors")
-RESIZE_MODES = ("antialias", "area", "bilinear")
 _TINY_VIT = dict(embed_dim=24, depth=2, num_heads=2)
 
 

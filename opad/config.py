@@ -22,7 +22,7 @@ DISCRIMINATORS = ("dino_v1", "dino_v2", "clip")
 ID_ENCODERS = DISCRIMINATORS
 RESIZE_MODES = ("antialias", "area", "bilinear")
 MAX_SEED = 2**32 - 1
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class _FromProfile:
@@ -224,7 +224,7 @@ class TrainConfig:
             raise OpadError(f"--resolution must be a positive multiple of 8, got {c.resolution}")
         if c.swd_patch % 2 == 0:
             raise OpadError(f"--swd-patch must be odd (a patch centred on each pixel), got {c.swd_patch}")
-        if not _DEVICE.match(c.device):
+        if not DEVICE_PATTERN.match(c.device):
             raise OpadError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
         if c.teacher_first:
             if not c.use_teacher:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from opad.config import DEVICE_PATTERN
 from opad.errors import OpadError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -15,7 +14,7 @@ def pick_device(name: str) -> torch.device:
     """``auto`` means CUDA when there is a GPU, else CPU; otherwise cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+    if not DEVICE_PATTERN.match(name):
         raise OpadError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
