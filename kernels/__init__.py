@@ -1,5 +1,7 @@
-"""Triton kernels with their pure-torch references, installed as ``opad.kernels``.
+"""Triton kernels behind one dispatch switch, installed as ``opad.kernels`` (DESIGN.md §3, §6).
 
-The kernels themselves land with the kernel issues; this package exists now so the layout in
-DESIGN.md §3 (and the setup.py mapping) is fixed from the start.
+Each kernel file holds its kernel(s), the host wrapper and the ``torch.autograd.Function``; the
+pure-torch reference stays beside it. :mod:`opad.kernels.dispatch` picks one of the two per call
+(``OPAD_KERNELS=auto|triton|reference``); the kernel modules import Triton lazily, only when
+chosen, so ``TRITON_INTERPRET`` may be set any time before the first kernel call.
 """

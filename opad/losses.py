@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opad.kernels import dispatch
+
 # sRGB (D65) -> XYZ, and the D65 white point.
 _RGB_TO_XYZ = torch.tensor(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
@@ -67,7 +69,19 @@ def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
     """Sliced Wasserstein-1 between the patch sets of x and y (B, C, H, W): one value per item.
 
     Patches are k x k (k from ``projections``, (P, C, k, k)), reflect-padded so every pixel has one.
+    The Triton kernel (``opad.kernels.swd``) or the reference below, as ``OPAD_KERNELS`` chooses;
+    the kernel gives y no gradient, so a y that wants one takes the reference under ``auto``.
     """
+    unsupported = "the kernel computes no gradient for y" if y.requires_grad else None
+    if dispatch.choose("swd_sorted_l1", x.device, unsupported).triton:
+        from opad.kernels import swd  # imports Triton: only when chosen
+
+        return swd.swd_sorted_l1(x, y, projections)
+    return swd_sorted_l1_reference(x, y, projections)
+
+
+def swd_sorted_l1_reference(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
+    """The pure-torch definition: conv2d projections, a full sort per direction, mean |difference|."""
     p = projections.shape[-1] // 2
     px = F.conv2d(_pad(x, p), projections).flatten(2)  # (B, P, H*W)
     py = F.conv2d(_pad(y, p), projections).flatten(2)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
+from opad.models.attention import fused_kv
 from opad.fsutil import staged_dir
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
@@ -58,13 +59,28 @@ def _detach_first_token(module: torch.nn.Module, inputs: tuple, output: torch.Te
     return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
 
 
+class _FlagHandle:
+    """``remove()`` turns the provider's start-token detach off again, like a hook handle."""
+
+    def __init__(self, kv) -> None:
+        self.kv = kv
+
+    def remove(self) -> None:
+        self.kv.detach_first_token = False
+
+
 def detach_start_token_kv(unet: UNet2DConditionModel) -> list[torch.utils.hooks.RemovableHandle]:
     """Stop gradients through the start token's cross-attention K/V, as Custom Diffusion does.
 
     The start token's features are the same for every prompt; Custom Diffusion's processor
     detaches its keys and values so K/V training follows only the prompt's own tokens. Values
-    are unchanged; only gradients are affected.
+    are unchanged; only gradients are affected. A UNet with the shared-K/V processors
+    (:mod:`opad.models.attention`, whose projections bypass the modules' hooks) detaches there.
     """
+    kv = fused_kv(unet)
+    if kv is not None:
+        kv.detach_first_token = True
+        return [_FlagHandle(kv)]
     return [
         proj.register_forward_hook(_detach_first_token)
         for m in cross_attention_layers(unet).values()

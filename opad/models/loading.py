@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
+from opad.models.attention import install_fused_kv
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SHARED_PARTS = ("text_encoder", "tokenizer", "vae")
@@ -147,6 +148,11 @@ def _frozen(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Mod
     return module.to(device=device).eval()
 
 
+def _frozen_unet(unet: UNet2DConditionModel, device: torch.device | str) -> UNet2DConditionModel:
+    install_fused_kv(unet)  # all cross-attention K/V in one launch per context (training and sampling)
+    return _frozen(unet, device)
+
+
 def _load_pipeline_parts(src: ModelSource, dtype: torch.dtype, with_shared: bool) -> dict:
     kw = src.load_kwargs()
     parts = {
@@ -199,9 +205,9 @@ def load_models(
         tokenizer=shared["tokenizer"],
         text_encoder=_frozen(shared["text_encoder"], device),
         vae=_frozen(shared["vae"], device),
-        teacher_unet=_frozen(teacher_parts["unet"], device) if t_src else None,
+        teacher_unet=_frozen_unet(teacher_parts["unet"], device) if t_src else None,
         teacher_scheduler=teacher_scheduler,
-        student_unet=_frozen(student_parts["unet"], device),
+        student_unet=_frozen_unet(student_parts["unet"], device),
         student_scheduler=student_scheduler,
         teacher_source=t_src.spec if t_src else None,
         student_source=s_src.spec,

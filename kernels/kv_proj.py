@@ -1,0 +1,52 @@
+"""All cross-attention layers' K/V projections of one context in one launch: kernels and autograd.
+
+Every cross-attention layer projects the *same* text context X (B, S, D) with its own weight
+(N_g, D). ``kv_project`` takes the list of those weights and returns each projection already
+split into heads, (B, heads_g, S, N_g / heads_g) contiguous, the layout attention consumes:
+
+* forward: one launch over a tile table of (weight, column block) pairs; the weights are read in
+  place through a table of pointers (no concatenated copy);
+* backward: one launch writes every dW_g = dOut_g^T X, and — only when X needs a gradient (the
+  teacher step, where the modifier token trains) — a second writes dX = sum_g dOut_g W_g.
+
+The reference is :func:`kv_project_reference` (one ``F.linear`` per weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from opad.kernels import dispatch
+
+
+def kv_project_reference(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tensor]:
+    """One ``F.linear`` per weight, split into heads as diffusers' attention does."""
+    B, S, _ = x.shape
+    return [F.linear(x, w).view(B, S, h, -1).transpose(1, 2) for w, h in zip(weights, heads)]
+
+
+def kv_project(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tensor]:
+    """``kv_project_reference`` or the one-launch kernel, as ``OPAD_KERNELS`` chooses."""
+    unsupported = _unsupported(x, weights, heads)
+    if dispatch.choose("kv_proj", x.device, unsupported).triton:
+        from opad.kernels import _kv_proj_triton  # imports Triton: only when chosen
+
+        return list(_kv_proj_triton.KVProject.apply(x, heads, *weights))
+    return kv_project_reference(x, weights, heads)
+
+
+def _unsupported(x: Tensor, weights: list[Tensor], heads: list[int]) -> str | None:
+    if x.dim() != 3:
+        return f"context must be (B, S, D), got {tuple(x.shape)}"
+    dtypes = {w.dtype for w in weights} | {x.dtype}
+    if len(dtypes) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"needs one float dtype for context and weights, got {sorted(map(str, dtypes))}"
+    if any(w.device != x.device for w in weights):
+        return "weights on another device than the context"
+    if any(w.dim() != 2 or w.shape[1] != x.shape[2] or w.shape[0] % h for w, h in zip(weights, heads)):
+        return "a weight is not (heads * head_dim, D)"
+    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+        return "autocast to another dtype than the weights'"
+    return None

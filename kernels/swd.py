@@ -1,0 +1,172 @@
+"""Fused sliced-Wasserstein core of MS-SWD: the Triton kernels, their host wrapper and autograd.
+
+The reference is :func:`opad.losses.swd_sorted_l1_reference`: conv2d of the reflect-padded image
+with P unit directions (P, C, k, k), a sort of each direction's H*W values, and the mean of
+|sorted x - sorted y|. Here:
+
+* ``_project_kernel`` computes the projections as an implicit GEMM straight from the padded
+  image (no unfolded patch tensor); directions are processed in chunks so only a chunk's
+  projections and sort buffers are alive at a time.
+* the sort is torch's (a segmented radix sort on CUDA); only values of y are kept.
+* ``_abs_diff_kernel`` reduces |sorted x - sorted y| to per-block partial sums (no atomics:
+  deterministic) and scatters sign(sorted x - sorted y) back through x's sort permutation as
+  int8 — the only per-value state kept for backward (1 byte a value; the reference keeps an
+  int64 index and the fp32 projections).
+* ``_project_back_kernel`` is the transposed implicit GEMM: grad of the padded image from the
+  int8 signs and the directions, scaled per batch item; the reflect pad's own backward (folding
+  the border into the image) stays torch's.
+
+Only x gets a gradient (the student image); y (the teacher image) never needs one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Directions per chunk: bounds the live projections and sort buffers to a chunk's worth.
+CHUNK = 32
+
+
+@triton.jit
+def _project_kernel(x_ptr, w_ptr, out_ptr, C, Hp, Wp, W, HW, P, K,
+                    KS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[b, n, m] = sum_k xpad[b, c(k), h(m) + i(k), w(m) + j(k)] * w[n, k]
+    pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h, w = offs_m // W, offs_m % W
+    x_base = x_ptr + b.to(tl.int64) * C * Hp * Wp
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        c, r = offs_k // (KS * KS), offs_k % (KS * KS)
+        i, j = r // KS, r % KS
+        a_ptrs = x_base + c[None, :] * Hp * Wp + (h[:, None] + i[None, :]) * Wp + (w[:, None] + j[None, :])
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < HW) & (offs_k[None, :] < K), other=0.0)
+        wt = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
+                     mask=(offs_n[None, :] < P) & (offs_k[:, None] < K), other=0.0)
+        acc += tl.dot(a, wt, input_precision="ieee")
+    out_ptrs = out_ptr + b.to(tl.int64) * P * HW + offs_n[None, :] * HW + offs_m[:, None]
+    tl.store(out_ptrs, acc, mask=(offs_m[:, None] < HW) & (offs_n[None, :] < P))
+
+
+@triton.jit
+def _abs_diff_kernel(sx_ptr, sy_ptr, idx_ptr, sign_ptr, partial_ptr, N, P_CHUNK, P_TOTAL, p0, NBLOCKS,
+                     BLOCK: tl.constexpr):
+    # partial[b, p, blk] = sum |sx - sy| over the block; sign[b, p0 + p, idx] = sign(sx - sy)
+    blk, p, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    row = (b.to(tl.int64) * P_CHUNK + p) * N
+    sx = tl.load(sx_ptr + row + offs, mask=mask, other=0.0)
+    sy = tl.load(sy_ptr + row + offs, mask=mask, other=0.0)
+    idx = tl.load(idx_ptr + row + offs, mask=mask, other=0)
+    d = sx - sy
+    s = tl.where(d > 0, 1, tl.where(d < 0, -1, 0)).to(tl.int8)
+    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, s, mask=mask)
+    tl.store(partial_ptr + (b * P_CHUNK + p) * NBLOCKS + blk, tl.sum(tl.abs(d), axis=0))
+
+
+@triton.jit
+def _project_back_kernel(sign_ptr, scale_ptr, w_ptr, out_ptr, C, Hp, Wp, H, W, P, K,
+                         KS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[b, c, q] = scale[b] * sum_{p,i,j} sign[b, p, y(q) - i, x(q) - j] * w[p, c, i, j]
+    pid_m, b = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    yy, xx = offs_m // Wp, offs_m % Wp
+    HW = H * W
+    sign_base = sign_ptr + b.to(tl.int64) * P * HW
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    PKK = P * KS * KS
+    for k0 in range(0, PKK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        p, r = offs_k // (KS * KS), offs_k % (KS * KS)
+        i, j = r // KS, r % KS
+        sy_, sx_ = yy[:, None] - i[None, :], xx[:, None] - j[None, :]
+        valid = (offs_m[:, None] < Hp * Wp) & (offs_k[None, :] < PKK)
+        valid = valid & (sy_ >= 0) & (sy_ < H) & (sx_ >= 0) & (sx_ < W)
+        g = tl.load(sign_base + p[None, :] * HW + sy_ * W + sx_, mask=valid, other=0).to(tl.float32)
+        wt = tl.load(w_ptr + p[:, None] * K + offs_c[None, :] * (KS * KS) + r[:, None],
+                     mask=(offs_k[:, None] < PKK) & (offs_c[None, :] < C), other=0.0)
+        acc += tl.dot(g, wt, input_precision="ieee")
+    acc = acc * tl.load(scale_ptr + b)
+    out_ptrs = out_ptr + b.to(tl.int64) * C * Hp * Wp + offs_c[None, :] * Hp * Wp + offs_m[:, None]
+    tl.store(out_ptrs, acc, mask=(offs_m[:, None] < Hp * Wp) & (offs_c[None, :] < C))
+
+
+def _project(xpad: Tensor, w: Tensor, H: int, W: int) -> Tensor:
+    """(B, C, Hp, Wp) padded image, (n, C*k*k) directions -> (B, n, H*W) projections, fp32."""
+    B, C, Hp, Wp = xpad.shape
+    n, K = w.shape
+    out = torch.empty(B, n, H * W, device=xpad.device, dtype=torch.float32)
+    BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 32
+    grid = (triton.cdiv(H * W, BLOCK_M), triton.cdiv(n, BLOCK_N), B)
+    _project_kernel[grid](xpad, w, out, C, Hp, Wp, W, H * W, n, K,
+                          KS=int(round((K // C) ** 0.5)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+    """Per-item loss (B,) and the int8 signs (B, P, H*W) in x's original (unsorted) order."""
+    B, P, N = xpad.shape[0], w.shape[0], H * W
+    sign = torch.empty(B, P, N, device=xpad.device, dtype=torch.int8)
+    total = torch.zeros(B, device=xpad.device, dtype=torch.float64)
+    BLOCK = 1024 if N >= 1024 else triton.next_power_of_2(N)
+    nblocks = triton.cdiv(N, BLOCK)
+    for p0 in range(0, P, CHUNK):
+        wc = w[p0:p0 + CHUNK]
+        sx, idx = _project(xpad, wc, H, W).sort(dim=2)
+        sy = _project(ypad, wc, H, W).sort(dim=2).values
+        partial = torch.empty(B, len(wc), nblocks, device=xpad.device, dtype=torch.float32)
+        _abs_diff_kernel[(nblocks, len(wc), B)](sx, sy, idx, sign, partial, N, len(wc), P, p0, nblocks, BLOCK=BLOCK)
+        total += partial.sum(dim=(1, 2), dtype=torch.float64)
+        del sx, sy, idx
+    return (total / (P * N)).to(torch.float32), sign
+
+
+def _backward(sign: Tensor, scale: Tensor, w: Tensor, C: int, Hp: int, Wp: int, H: int, W: int) -> Tensor:
+    B, P = sign.shape[0], w.shape[0]
+    out = torch.empty(B, C, Hp, Wp, device=sign.device, dtype=torch.float32)
+    BLOCK_M, BLOCK_K = 64, 32
+    BLOCK_C = max(16, triton.next_power_of_2(C))
+    _project_back_kernel[(triton.cdiv(Hp * Wp, BLOCK_M), B)](
+        sign, scale, w, out, C, Hp, Wp, H, W, P, w.shape[1],
+        KS=int(round((w.shape[1] // C) ** 0.5)), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
+    return out
+
+
+class SwdSortedL1(torch.autograd.Function):
+    """loss[b] = mean over directions and pixels of |sort(proj x) - sort(proj y)|; grad to x only."""
+
+    @staticmethod
+    def forward(ctx, xpad: Tensor, ypad: Tensor, projections: Tensor, H: int, W: int) -> Tensor:
+        w = projections.detach().flatten(1).float().contiguous()
+        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, H, W)
+        ctx.save_for_backward(sign, w)
+        ctx.shape = (xpad.shape[1], xpad.shape[2], xpad.shape[3], H, W)
+        ctx.dtype = xpad.dtype
+        return loss.to(xpad.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        sign, w = ctx.saved_tensors
+        C, Hp, Wp, H, W = ctx.shape
+        scale = (grad_loss.float() / (w.shape[0] * H * W)).contiguous()
+        grad = _backward(sign, scale, w, C, Hp, Wp, H, W)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
+    """Triton version of :func:`opad.losses.swd_sorted_l1_reference`; y gets no gradient."""
+    from opad.losses import _pad  # the reference's padding rule (reflect, replicate when tiny)
+
+    if x.shape != y.shape or x.dim() != 4 or projections.dim() != 4 or projections.shape[1] != x.shape[1]:
+        raise ValueError(f"swd_sorted_l1: x {tuple(x.shape)}, y {tuple(y.shape)} and projections "
+                         f"{tuple(projections.shape)} do not match (B, C, H, W) and (P, C, k, k)")
+    p = projections.shape[-1] // 2
+    H, W = x.shape[-2:]
+    return SwdSortedL1.apply(_pad(x, p), _pad(y.detach(), p), projections, H, W)

@@ -1,0 +1,153 @@
+"""Cross-attention with every layer's K/V computed together, once per (UNet, context).
+
+Every cross-attention layer of a UNet projects the same text context with its own ``to_k`` /
+``to_v``. :func:`install_fused_kv` gives the UNet one :class:`CrossAttentionKV`, which computes
+all layers' K and V in one :func:`opad.kernels.kv_proj.kv_project` call (the Triton kernel or the
+per-layer reference, as ``OPAD_KERNELS`` chooses) the first time a layer asks for a context, and
+a :class:`FusedKVAttnProcessor` per layer, which is diffusers' ``AttnProcessor2_0`` with K/V
+taken from there. Numerically the processor equals diffusers' (the reference path is the same
+``F.linear``; the kernel is within fp32 rounding).
+
+The cache lives for one UNet call when autograd records (a graph must not outlive its backward)
+and, under ``no_grad``, for as long as the context tensor and the weights are unchanged (the
+sampler's steps reuse it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import Tensor
+
+from opad.kernels.kv_proj import kv_project
+
+
+def _cross_attention_modules(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
+    names = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
+    return [(n, unet.get_submodule(n)) for n in names]
+
+
+def _plain_linear(m: torch.nn.Module) -> bool:
+    # hooks, a bias or a wrapped layer (LoRA) mean the module itself must run
+    return (type(m) is torch.nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks)
+
+
+class CrossAttentionKV:
+    """K/V of every cross-attention layer of one UNet, computed in one go per context."""
+
+    def __init__(self, layers: list[Attention]) -> None:
+        self.layers = layers
+        self.detach_first_token = False  # Custom Diffusion's start-token detach (values unchanged)
+        self._key: tuple | None = None
+        self._context: Tensor | None = None
+        self._kv: list[tuple[Tensor, Tensor]] = []
+        self.computations = 0  # how many times all layers' K/V were computed (tests read it)
+
+    def clear(self) -> None:
+        self._key, self._context, self._kv = None, None, []
+
+    def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(key, value) of layer ``index`` for ``context``, each (B, heads, S, head_dim)."""
+        key = self._cache_key(context)
+        if self._context is not context or key != self._key:
+            self._kv = self._compute(context)
+            self._key, self._context = key, context
+            self.computations += 1
+        return self._kv[index]
+
+    def _weights(self) -> list[Tensor]:
+        return [w for m in self.layers for w in (m.to_k.weight, m.to_v.weight)]
+
+    def _cache_key(self, context: Tensor) -> tuple:
+        return (context._version, torch.is_grad_enabled(), torch.is_autocast_enabled(context.device.type),
+                self.detach_first_token, tuple((id(w), w._version) for w in self._weights()))
+
+    def _compute(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        B, S = context.shape[:2]
+        fused = all(_plain_linear(m.to_k) and _plain_linear(m.to_v) and not m.norm_cross for m in self.layers)
+        if fused:
+            heads = [m.heads for m in self.layers for _ in (0, 1)]
+            outs = kv_project(context, self._weights(), heads)
+        else:
+            outs = []
+            for m in self.layers:
+                x = m.norm_encoder_hidden_states(context) if m.norm_cross else context
+                outs += [p(x).view(B, S, m.heads, -1).transpose(1, 2) for p in (m.to_k, m.to_v)]
+        if self.detach_first_token:
+            outs = [torch.cat([o[:, :, :1].detach(), o[:, :, 1:]], dim=2) for o in outs]
+        return list(zip(outs[0::2], outs[1::2]))
+
+
+class FusedKVAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for cross-attention, with K/V from the UNet's shared provider."""
+
+    def __init__(self, kv: CrossAttentionKV, index: int) -> None:
+        self.kv, self.index = kv, index
+
+    def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("FusedKVAttnProcessor is for cross-attention and needs encoder_hidden_states")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length = encoder_hidden_states.shape[:2]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key, value = self.kv.get(self.index, encoder_hidden_states)
+        head_dim = key.shape[-1]
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_fused_kv(unet: UNet2DConditionModel) -> CrossAttentionKV:
+    """Give ``unet``'s cross-attention layers the shared-K/V processor; return the provider."""
+    existing = fused_kv(unet)
+    if existing is not None:
+        return existing
+    layers = _cross_attention_modules(unet)
+    kv = CrossAttentionKV([m for _, m in layers])
+    processors = dict(unet.attn_processors)
+    for index, (name, _) in enumerate(layers):
+        processors[f"{name}.processor"] = FusedKVAttnProcessor(kv, index)
+    unet.set_attn_processor(processors)
+
+    def drop_recorded(*_):  # a cache holding a graph must not outlive the call that built it
+        if torch.is_grad_enabled():
+            kv.clear()
+
+    unet.register_forward_pre_hook(drop_recorded)
+    unet.register_forward_hook(drop_recorded)
+    unet._opad_kv = kv
+    return kv
+
+
+def fused_kv(unet: UNet2DConditionModel) -> CrossAttentionKV | None:
+    """The provider :func:`install_fused_kv` gave ``unet``, if its processors are still in place."""
+    kv = getattr(unet, "_opad_kv", None)
+    if kv is None or not any(isinstance(p, FusedKVAttnProcessor) for p in unet.attn_processors.values()):
+        return None
+    return kv

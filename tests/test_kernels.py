@@ -1,0 +1,300 @@
+"""Triton kernels against their pure-torch references, and the OPAD_KERNELS switch.
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1):
+fp32, tiny awkward shapes. With one, the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from opad import losses
+from opad.errors import OpadError
+from opad.kernels import dispatch, kv_proj
+from opad.models.attention import fused_kv, install_fused_kv
+from opad.models.concept import enable_kv_training
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and not dispatch.interpreting(),
+                                reason="no GPU and TRITON_INTERPRET is not 1")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.fixture()
+def triton_mode(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+
+
+# ------------------------------------------------------------------ dispatch
+def test_reference_mode_and_auto_on_cpu_take_the_reference(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "reference")
+    assert dispatch.choose("swd_sorted_l1", "cuda").impl == "reference"
+    monkeypatch.delenv("OPAD_KERNELS")
+    choice = dispatch.choose("kv_proj", "cpu")
+    assert choice.impl == "reference" and "cpu" in choice.reason  # the interpreter is never automatic
+
+
+def test_auto_takes_the_kernel_for_cuda_tensors(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dispatch.choose("swd_sorted_l1", "cuda").impl == "triton"
+    fallback = dispatch.choose("swd_sorted_l1", "cuda", unsupported="the kernel computes no gradient for y")
+    assert fallback.impl == "reference" and "gradient for y" in fallback.reason
+
+
+def test_forced_triton_on_cpu_without_the_interpreter_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(OpadError, match="TRITON_INTERPRET=1"):
+        dispatch.choose("kv_proj", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.choose("kv_proj", "cpu").impl == "triton"
+    with pytest.raises(OpadError, match="gradient for y"):
+        dispatch.choose("swd_sorted_l1", "cpu", unsupported="the kernel computes no gradient for y")
+
+
+def test_a_bad_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "fast")
+    with pytest.raises(OpadError, match="OPAD_KERNELS must be one of auto, triton, reference"):
+        dispatch.choose("kv_proj", "cpu")
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference", "triton"])
+def test_python_m_opad_kernels_reports_every_op(mode):
+    env = {**os.environ, "OPAD_KERNELS": mode}
+    run = subprocess.run([sys.executable, "-m", "opad.kernels"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for op in dispatch.OPS:
+        assert f"{op}:" in run.stdout
+    expected = {"auto": "reference (auto: cpu tensors", "reference": "reference (OPAD_KERNELS=reference)",
+                "triton": "triton    (OPAD_KERNELS=triton)"}[mode]
+    assert expected in run.stdout
+
+
+def test_python_m_opad_kernels_with_a_bad_mode_prints_one_error():
+    env = {**os.environ, "OPAD_KERNELS": "fastest"}
+    run = subprocess.run([sys.executable, "-m", "opad.kernels"], env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: OPAD_KERNELS must be one of")
+
+
+# ------------------------------------------------------------------ sliced Wasserstein
+def _swd_inputs(batch, height, width, num, patch, seed, lattice=False):
+    """Lab-range images and directions. ``lattice``: integer pixels and directions in steps of 1/8,
+    so every projection is exact in fp32 and both implementations see the same ties exactly;
+    otherwise random floats and unit directions, where a near-tie may flip one sign."""
+    g = torch.Generator().manual_seed(seed)
+    if lattice:
+        x, y = (torch.randint(-60, 61, (2, batch, 3, height, width), generator=g).float())
+        proj = torch.randint(-8, 9, (num, 3, patch, patch), generator=g).float() / 8
+    else:
+        x, y = torch.rand(2, batch, 3, height, width, generator=g) * 100 - 30
+        proj = losses.random_projections(num, 3, patch, generator=g)
+    return x.to(DEVICE).requires_grad_(True), y.to(DEVICE), proj.to(DEVICE)
+
+
+def _swd_both(x, y, proj):
+    weights = torch.rand(x.shape[0], device=DEVICE) + 0.5  # a different upstream gradient per item
+    loss = losses.swd_sorted_l1(x, y, proj)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), x)
+    ref = losses.swd_sorted_l1_reference(x, y, proj)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
+    assert loss.shape == (x.shape[0],) and ref.abs().min() > 0 and ref_grad.abs().max() > 0
+    return loss, grad, ref, ref_grad
+
+
+# (batch, H, W, directions, patch): non-powers of two; 40 directions span two chunks of 32;
+# 6x9 with 11x11 patches pads by 5 of 6 rows
+SWD_SHAPES = [(1, 23, 37, 24, 5), (2, 64, 48, 16, 5), (3, 19, 26, 40, 3), (2, 6, 9, 8, 11)]
+
+
+@pytest.mark.parametrize("shape", SWD_SHAPES)
+def test_swd_forward_and_x_gradient_equal_the_reference(shape, triton_mode):
+    loss, grad, ref, ref_grad = _swd_both(*_swd_inputs(*shape, seed=sum(shape), lattice=True))
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SWD_SHAPES[:2])
+def test_swd_with_unit_directions_equals_the_reference(shape, triton_mode):
+    loss, grad, ref, ref_grad = _swd_both(*_swd_inputs(*shape, seed=sum(shape)))
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
+def test_swd_of_identical_images_is_zero_with_zero_gradient(triton_mode):
+    x, _, proj = _swd_inputs(2, 17, 22, 12, 5, seed=3)
+    loss = losses.swd_sorted_l1(x, x.detach().clone(), proj)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_swd_kernel_gives_y_no_gradient_and_keeps_only_int8_signs(triton_mode):
+    from opad.kernels import swd
+
+    x, y, proj = _swd_inputs(2, 13, 21, 10, 3, seed=5)
+    y.requires_grad_(True)
+    loss = swd.swd_sorted_l1(x, y, proj)
+    saved = loss.grad_fn.saved_tensors
+    assert {t.dtype for t in saved} == {torch.int8, torch.float32}
+    assert all(t.numel() < 2 * 10 * 13 * 21 for t in saved if t.dtype != torch.int8)  # no fp32 projections
+    loss.sum().backward()
+    assert y.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_swd_through_the_switch_falls_back_when_y_wants_a_gradient(monkeypatch):
+    x, y, proj = _swd_inputs(1, 11, 14, 6, 3, seed=7)
+    y.requires_grad_(True)
+    monkeypatch.setenv("OPAD_KERNELS", "auto")
+    losses.swd_sorted_l1(x, y, proj).sum().backward()
+    assert y.grad is not None  # the reference took it
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+    with pytest.raises(OpadError, match="no gradient for y"):
+        losses.swd_sorted_l1(x, y, proj)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_ms_swd_with_the_kernel_equals_the_reference(batch, monkeypatch):
+    # 5 levels of 29x21 go down to 2x2, where the padding turns to replicate
+    x, y, _ = _swd_inputs(batch, 29, 21, 1, 1, seed=11 + batch)
+    x, y = (x.detach() / 100 + 0.3).requires_grad_(True), y / 100 + 0.3  # sRGB around [0, 1]
+    g = torch.Generator().manual_seed(batch)
+    projections = [losses.random_projections(12, 3, 5, generator=g).to(DEVICE) for _ in range(5)]
+    results = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("OPAD_KERNELS", mode)
+        value = losses.ms_swd(x, y, projections=projections)
+        results[mode] = (value, *torch.autograd.grad(value.sum(), x))
+    (v, g_), (rv, rg) = results["triton"], results["reference"]
+    assert rel_err(v, rv) <= 1e-5 and rel_err(g_, rg) <= 1e-5
+
+
+# ------------------------------------------------------------------ K/V projections
+# (width, heads) pairs like SD 2.1's 320/640/1280 at 64-wide heads, scaled down; K and V each
+LAYERS = [(24, 3), (48, 6), (80, 5), (48, 6)]
+
+
+def _kv_inputs(batch, seq, dim, x_grad, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, dim, generator=g).to(DEVICE).requires_grad_(x_grad)
+    weights = [(torch.randn(n, dim, generator=g) / dim**0.5).to(DEVICE).requires_grad_(True)
+               for n, _ in LAYERS for _ in (0, 1)]
+    heads = [h for _, h in LAYERS for _ in (0, 1)]
+    return x, weights, heads
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("batch,seq,dim", [(1, 7, 40), (3, 11, 24)])
+def test_kv_proj_outputs_and_every_gradient_equal_per_layer_linear(batch, seq, dim, x_grad, triton_mode):
+    x, weights, heads = _kv_inputs(batch, seq, dim, x_grad, seed=batch * seq + dim)
+    outs = kv_proj.kv_project(x, weights, heads)
+    refs = [torch.nn.functional.linear(x, w).view(batch, seq, h, -1).transpose(1, 2) for w, h in zip(weights, heads)]
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(r.shape, generator=g).to(DEVICE) for r in refs]
+    inputs = [x, *weights] if x_grad else weights
+    got = torch.autograd.grad(outs, inputs, upstream)
+    want = torch.autograd.grad(refs, inputs, upstream)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.is_contiguous() and rel_err(o, r) <= 1e-5
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_kv_proj_with_some_outputs_unused(triton_mode):
+    x, weights, heads = _kv_inputs(2, 5, 24, True, seed=9)
+    outs = kv_proj.kv_project(x, weights, heads)
+    loss = outs[0].square().sum() + outs[5].sum()  # other layers get no gradient
+    got = torch.autograd.grad(loss, [x, *weights])
+    refs = kv_proj.kv_project_reference(x, weights, heads)
+    want = torch.autograd.grad(refs[0].square().sum() + refs[5].sum(), [x, *weights], allow_unused=True)
+    for a, b in zip(got, want):
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the attention processor
+def _unet_pair(bundle):
+    fused = bundle.student_unet
+    assert fused_kv(fused) is not None  # load_models installs it
+    plain = copy.deepcopy(fused)
+    plain.set_attn_processor(AttnProcessor2_0())
+    for unet in (fused, plain):
+        enable_kv_training(unet)
+    return fused, plain
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_fused_processor_equals_diffusers_in_outputs_and_all_gradients(bundle, mode, monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", mode)
+    fused, plain = _unet_pair(bundle)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    cond = torch.randn(2, 77, fused.config.cross_attention_dim, generator=g)
+    results = []
+    for unet in (fused, plain):
+        c = cond.clone().requires_grad_(True)
+        out = unet(z, 999, encoder_hidden_states=c).sample
+        params = [p for p in unet.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.square().mean(), [c, *params])
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    assert len(ref_grads) == 1 + 2 * 16
+    assert rel_err(out, ref) <= 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_kv_is_computed_once_per_unet_call_and_reused_while_sampling(bundle):
+    unet = bundle.teacher_unet
+    kv = fused_kv(unet)
+    g = torch.Generator().manual_seed(2)
+    z, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    enable_kv_training(unet)
+    start = kv.computations
+    unet(z, 500, encoder_hidden_states=cond).sample.sum().backward()
+    assert kv.computations == start + 1  # one for all 16 layers
+    unet(z, 500, encoder_hidden_states=cond)
+    assert kv.computations == start + 2  # recording autograd: a fresh graph per call
+    with torch.no_grad():
+        first = unet(z, 900, encoder_hidden_states=cond).sample
+        unet(z, 800, encoder_hidden_states=cond)
+        assert kv.computations == start + 3  # sampler steps share one context
+        for p in kv._weights()[:1]:
+            p.add_(0.1)
+        changed = unet(z, 900, encoder_hidden_states=cond).sample
+        assert kv.computations == start + 4 and not torch.equal(first, changed)
+
+
+def test_install_is_idempotent_and_other_processors_survive(bundle):
+    unet = bundle.student_unet
+    kv = fused_kv(unet)
+    assert install_fused_kv(unet) is kv
+    self_attn = [p for n, p in unet.attn_processors.items() if n.endswith("attn1.processor")]
+    assert self_attn and not any(type(p).__name__ == "FusedKVAttnProcessor" for p in self_attn)
+
+
+# ------------------------------------------------------------------ the trainer
+def test_trainer_with_the_kernels_matches_the_reference(tmp_path, monkeypatch):
+    from tests.trainutil import make_trainer
+
+    losses_by_mode = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("OPAD_KERNELS", mode)
+        trainer = make_trainer(tmp_path / mode, max_steps=2, swd_projections=8, swd_patch=3, swd_scales=3,
+                               device=DEVICE.type)
+        losses_by_mode[mode] = [trainer.iteration().values for _ in range(2)]
+    for ref, got in zip(losses_by_mode["reference"], losses_by_mode["triton"]):
+        keys = [k for k in ref if k.startswith("loss/")]
+        assert "loss/swd" in keys and "loss/teacher" in keys
+        for k in keys:
+            assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
