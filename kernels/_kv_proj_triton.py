@@ -13,12 +13,12 @@ BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
 
 @triton.jit
 def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
-                       DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out_g[b, n // hd, s, n % hd] = sum_k x[b, s, k] * w_g[n, k] for the tile's weight g
     pid_m, t = tl.program_id(0), tl.program_id(1)
     g = tl.load(tiles + 2 * t)
     n0 = tl.load(tiles + 2 * t + 1)
-    w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(DTYPE))
+    w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(W_DTYPE))
     out_ptr = tl.load(out_ptrs + g).to(tl.pointer_type(DTYPE))
     N = tl.load(n_of + g)
     hd = tl.load(hd_of + g)
@@ -30,7 +30,7 @@ def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
         a = tl.load(x_ptr + offs_m[:, None] * D + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < D), other=0.0)
         b = tl.load(w_ptr + offs_n[None, :] * D + offs_k[:, None],
-                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < D), other=0.0)
+                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < D), other=0.0).to(DTYPE)
         acc += tl.dot(a, b, input_precision="ieee")
     bi, s = offs_m // S, offs_m % S
     h, d = offs_n // hd, offs_n % hd
@@ -41,13 +41,13 @@ def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
 
 @triton.jit
 def _kv_dw_kernel(x_ptr, gout_ptrs, dw_ptrs, tiles, n_of, hd_of, M, S, D,
-                  DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     # dw_g[n, k] = sum_m gout_g[b(m), n // hd, s(m), n % hd] * x[m, k]
     t, pid_k = tl.program_id(0), tl.program_id(1)
     g = tl.load(tiles + 2 * t)
     n0 = tl.load(tiles + 2 * t + 1)
     gout_ptr = tl.load(gout_ptrs + g).to(tl.pointer_type(DTYPE))
-    dw_ptr = tl.load(dw_ptrs + g).to(tl.pointer_type(DTYPE))
+    dw_ptr = tl.load(dw_ptrs + g).to(tl.pointer_type(W_DTYPE))
     N = tl.load(n_of + g)
     hd = tl.load(hd_of + g)
     heads = N // hd
@@ -63,13 +63,13 @@ def _kv_dw_kernel(x_ptr, gout_ptrs, dw_ptrs, tiles, n_of, hd_of, M, S, D,
         xv = tl.load(x_ptr + offs_m[:, None] * D + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < D), other=0.0)
         acc += tl.dot(go, xv, input_precision="ieee")
-    tl.store(dw_ptr + offs_n[:, None] * D + offs_k[None, :], acc.to(DTYPE),
+    tl.store(dw_ptr + offs_n[:, None] * D + offs_k[None, :], acc.to(W_DTYPE),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < D))
 
 
 @triton.jit
 def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
-                  DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     # dx[m, k] = sum_g sum_n gout_g[b(m), n // hd, s(m), n % hd] * w_g[n, k]
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,7 +78,7 @@ def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for g in range(0, G):
         gout_ptr = tl.load(gout_ptrs + g).to(tl.pointer_type(DTYPE))
-        w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(DTYPE))
+        w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(W_DTYPE))
         N = tl.load(n_of + g)
         hd = tl.load(hd_of + g)
         heads = N // hd
@@ -88,7 +88,7 @@ def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
             src = ((bi[:, None] * heads + h[None, :]) * S + s[:, None]) * hd + d[None, :]
             go = tl.load(gout_ptr + src, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             wv = tl.load(w_ptr + offs_n[:, None] * D + offs_k[None, :],
-                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < D), other=0.0)
+                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < D), other=0.0).to(DTYPE)
             acc += tl.dot(go, wv, input_precision="ieee")
     tl.store(dx_ptr + offs_m[:, None] * D + offs_k[None, :], acc.to(DTYPE),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < D))
@@ -104,7 +104,11 @@ def _tiles(sizes: list[int], block: int, device: torch.device) -> tuple[Tensor, 
 
 
 class KVProject(torch.autograd.Function):
-    """outputs[g] = (x @ weights[g].T) split into heads[g] heads, for every g in one launch."""
+    """outputs[g] = (x @ weights[g].T) split into heads[g] heads, for every g in one launch.
+
+    The product runs in x's dtype (weights are converted as they are loaded, as autocast would
+    cast them); outputs and dX are in x's dtype, each dW in its weight's dtype.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, heads: list[int], *weights: Tensor) -> tuple[Tensor, ...]:
@@ -118,7 +122,7 @@ class KVProject(torch.autograd.Function):
         _kv_forward_kernel[(triton.cdiv(B * S, BLOCK_M), count)](
             x2, _table([w.data_ptr() for w in ws], x.device), _table([o.data_ptr() for o in outs], x.device),
             tiles, _table(sizes, x.device), _table(hds, x.device), B * S, S, D,
-            DTYPE=_TL[x.dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         ctx.save_for_backward(x2, *ws)
         ctx.heads, ctx.hds = heads, hds
         return tuple(outs)
@@ -142,7 +146,7 @@ class KVProject(torch.autograd.Function):
                 x, _table([gouts[g].data_ptr() for g in want_w], x.device),
                 _table([dws[g].data_ptr() for g in want_w], x.device), tiles, _table(sizes, x.device),
                 _table([ctx.hds[g] for g in want_w], x.device), B * S, S, D,
-                DTYPE=_TL[x.dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
+                DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
         for g, w in enumerate(ws):  # a weight that wants a gradient but got no output gradient
             if needs_w[g] and dws[g] is None:
                 dws[g] = torch.zeros_like(w)
@@ -155,5 +159,5 @@ class KVProject(torch.autograd.Function):
                     _table([ws[g].data_ptr() for g in live], x.device),
                     _table([ws[g].shape[0] for g in live], x.device), _table([ctx.hds[g] for g in live], x.device),
                     len(live), dx, B * S, S, D,
-                    DTYPE=_TL[x.dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+                    DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
         return (dx, None, *dws)

@@ -33,20 +33,24 @@ def kv_project(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tenso
     if dispatch.choose("kv_proj", x.device, unsupported).triton:
         from opad.kernels import _kv_proj_triton  # imports Triton: only when chosen
 
-        return list(_kv_proj_triton.KVProject.apply(x, heads, *weights))
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):  # autocast's rule for a linear layer: compute in its dtype
+            x = x.to(torch.get_autocast_dtype(kind))
+        with torch.autocast(kind, enabled=False):
+            return list(_kv_proj_triton.KVProject.apply(x, heads, *weights))
     return kv_project_reference(x, weights, heads)
 
 
 def _unsupported(x: Tensor, weights: list[Tensor], heads: list[int]) -> str | None:
     if x.dim() != 3:
         return f"context must be (B, S, D), got {tuple(x.shape)}"
-    dtypes = {w.dtype for w in weights} | {x.dtype}
-    if len(dtypes) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"needs one float dtype for context and weights, got {sorted(map(str, dtypes))}"
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in floats or x.dtype not in floats:
+        return f"needs float weights of one dtype and a float context, got {sorted({str(w.dtype) for w in weights})}"
     if any(w.device != x.device for w in weights):
         return "weights on another device than the context"
     if any(w.dim() != 2 or w.shape[1] != x.shape[2] or w.shape[0] % h for w, h in zip(weights, heads)):
         return "a weight is not (heads * head_dim, D)"
-    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-        return "autocast to another dtype than the weights'"
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weights[0].dtype:
+        return f"context {x.dtype} and weights {weights[0].dtype} differ (outside autocast)"
     return None

@@ -233,10 +233,15 @@ def _unet_pair(bundle):
     return fused, plain
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("mode", ["reference", "triton"])
-def test_fused_processor_equals_diffusers_in_outputs_and_all_gradients(bundle, mode, monkeypatch):
+def test_fused_processor_equals_diffusers_in_outputs_and_all_gradients(bundle, mode, checkpointing, monkeypatch):
     monkeypatch.setenv("OPAD_KERNELS", mode)
     fused, plain = _unet_pair(bundle)
+    if checkpointing:  # blocks recompute in backward and must find the same K/V
+        for unet in (fused, plain):
+            unet.train()
+            unet.enable_gradient_checkpointing()
     g = torch.Generator().manual_seed(4)
     z = torch.randn(2, 4, 8, 8, generator=g)
     cond = torch.randn(2, 77, fused.config.cross_attention_dim, generator=g)
@@ -298,3 +303,20 @@ def test_trainer_with_the_kernels_matches_the_reference(tmp_path, monkeypatch):
         assert "loss/swd" in keys and "loss/teacher" in keys
         for k in keys:
             assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
+
+
+def test_kv_proj_under_autocast_computes_in_the_autocast_dtype(triton_mode):
+    # fp16 here (the interpreter has no bf16); bf16 is what the trainer's CUDA autocast uses
+    x, weights, heads = _kv_inputs(2, 9, 24, True, seed=12)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        outs = kv_proj.kv_project(x, weights, heads)
+    refs = [torch.nn.functional.linear(x.half(), w.half()).view(2, 9, h, -1).transpose(1, 2).float()
+            for w, h in zip(weights, heads)]
+    assert all(o.dtype == torch.float16 for o in outs)
+    for o, r in zip(outs, refs):
+        assert rel_err(o.float(), r) <= 2e-3
+    got = torch.autograd.grad([o.float().square().sum() for o in outs], [x, *weights])
+    want = torch.autograd.grad([r.square().sum() for r in refs], [x, *weights])
+    assert all(g.dtype == torch.float32 for g in got)  # dW in the weights' dtype, dX back to x's
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-2

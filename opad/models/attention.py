@@ -8,9 +8,10 @@ a :class:`FusedKVAttnProcessor` per layer, which is diffusers' ``AttnProcessor2_
 taken from there. Numerically the processor equals diffusers' (the reference path is the same
 ``F.linear``; the kernel is within fp32 rounding).
 
-The cache lives for one UNet call when autograd records (a graph must not outlive its backward)
-and, under ``no_grad``, for as long as the context tensor and the weights are unchanged (the
-sampler's steps reuse it).
+The K/V are computed when the UNet is called, before its blocks run: afresh for every call while
+autograd records (a graph must not be reused after its backward), and under ``no_grad`` only when
+the context tensor or a weight changed (the sampler's steps reuse them). A gradient-checkpointed
+block recomputing itself in backward reads the same cached K/V.
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ class CrossAttentionKV:
     def clear(self) -> None:
         self._key, self._context, self._kv = None, None, []
 
-    def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
-        """(key, value) of layer ``index`` for ``context``, each (B, heads, S, head_dim)."""
+    def prepare(self, context: Tensor, fresh: bool) -> None:
+        """Compute every layer's K/V for ``context`` unless cached (``fresh``: always compute)."""
         key = self._cache_key(context)
-        if self._context is not context or key != self._key:
+        if fresh or self._context is not context or key != self._key:
             self._kv = self._compute(context)
             self._key, self._context = key, context
             self.computations += 1
+
+    def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(key, value) of layer ``index`` for ``context``, each (B, heads, S, head_dim)."""
+        self.prepare(context, fresh=False)
         return self._kv[index]
 
     def _weights(self) -> list[Tensor]:
@@ -135,12 +140,15 @@ def install_fused_kv(unet: UNet2DConditionModel) -> CrossAttentionKV:
         processors[f"{name}.processor"] = FusedKVAttnProcessor(kv, index)
     unet.set_attn_processor(processors)
 
-    def drop_recorded(*_):  # a cache holding a graph must not outlive the call that built it
-        if torch.is_grad_enabled():
-            kv.clear()
+    def compute_before_the_blocks(module, args, kwargs):
+        # Outside every block, so gradient checkpointing's recomputation of a block finds the
+        # same K/V (and saves no tensors the forward did not). While autograd records, always
+        # fresh: a graph must not be reused after its backward.
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if context is not None:
+            kv.prepare(context, fresh=torch.is_grad_enabled())
 
-    unet.register_forward_pre_hook(drop_recorded)
-    unet.register_forward_hook(drop_recorded)
+    unet.register_forward_pre_hook(compute_before_the_blocks, with_kwargs=True)
     unet._opad_kv = kv
     return kv
 

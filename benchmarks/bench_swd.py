@@ -1,0 +1,57 @@
+"""MS-SWD forward+backward, Triton kernel vs the torch reference, at the training size.
+
+Default: 2 x 3 x 512 x 512, 5 scales, 128 directions, 11 x 11 patches (the paper's). Rows go to
+benchmarks/results.csv (name ms_swd_fwd_bwd, provider reference|triton). Without a GPU only the
+reference is timed: the kernel runs on the CPU only in Triton's interpreter, which measures nothing.
+
+    python benchmarks/bench_swd.py [--size 512] [--batch 2] [--repeats 5] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from common import write_rows
+from kernel_timing import providers, time_op
+from opad import losses
+from opad.runtime import pick_device
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--scales", type=int, default=5)
+    p.add_argument("--projections", type=int, default=128)
+    p.add_argument("--patch", type=int, default=11)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls on the CPU (Triton's timer picks its own)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device).requires_grad_(True)
+    y = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
+    projections = [losses.random_projections(args.projections, 3, args.patch, generator=g).to(device)
+                   for _ in range(args.scales)]
+
+    def step():
+        x.grad = None
+        losses.ms_swd(x, y, num_scales=args.scales, projections=projections).sum().backward()
+
+    shape = f"{args.batch}x3x{args.size}x{args.size},P{args.projections},k{args.patch},s{args.scales}"
+    rows = []
+    for provider in providers(device):
+        os.environ["OPAD_KERNELS"] = provider
+        rows.append({"name": "ms_swd_fwd_bwd", "provider": provider, "shape": shape,
+                     **time_op(step, device, args.repeats)})
+        print(f"{provider:9s} {rows[-1]['median_ms']:10.1f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB", file=sys.stderr)
+    print(write_rows(rows, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
