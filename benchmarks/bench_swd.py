@@ -5,6 +5,11 @@ benchmarks/results.csv (name ms_swd_fwd_bwd, provider reference|triton). Without
 reference is timed: the kernel runs on the CPU only in Triton's interpreter, which measures nothing.
 
     python benchmarks/bench_swd.py [--size 512] [--batch 2] [--repeats 5] [--device auto]
+    python benchmarks/bench_swd.py --sort-sweep    # GPU: in-register vs torch sort per level size
+
+The sweep times the kernel's sort-and-reduce step alone for one chunk of directions at every
+pyramid level's size (rows swd_sort, providers registers|torch): opad.kernels.swd.REGISTER_SORT_MAX
+should be the largest size at which registers win.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", type=int, default=11)
     p.add_argument("--repeats", type=int, default=5, help="timed calls on the CPU (Triton's timer picks its own)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sort-sweep", action="store_true", help="time the two sort paths per level size (GPU)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    if args.sort_sweep:
+        return sort_sweep(args, device)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device).requires_grad_(True)
     y = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
@@ -49,6 +57,29 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": "ms_swd_fwd_bwd", "provider": provider, "shape": shape,
                      **time_op(step, device, args.repeats)})
         print(f"{provider:9s} {rows[-1]['median_ms']:10.1f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB", file=sys.stderr)
+    print(write_rows(rows, device))
+    return 0
+
+
+def sort_sweep(args, device: torch.device) -> int:
+    if device.type != "cuda":
+        print("error: --sort-sweep times Triton kernels and needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from opad.kernels import swd
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for level in range(args.scales):
+        side = args.size >> level
+        n = side * side
+        px, py = (torch.randn(args.batch, swd.CHUNK, n, generator=g, device=device) for _ in range(2))
+        sign = torch.empty(args.batch, swd.CHUNK, n, device=device, dtype=torch.int8)
+        for provider, limit in (("registers", n), ("torch", 0)):
+            if provider == "registers" and n > 65536:
+                continue  # beyond what one program can hold
+            rows.append({"name": "swd_sort", "provider": provider, "shape": f"{args.batch}x{swd.CHUNK}x{n}",
+                         **time_op(lambda: swd._sorted_diff(px, py, sign, 0, limit), device, args.repeats)})
+            print(f"{n:8d} {provider:9s} {rows[-1]['median_ms']:9.3f} ms", file=sys.stderr)
     print(write_rows(rows, device))
     return 0
 

@@ -7,8 +7,10 @@ with P unit directions (P, C, k, k), a sort of each direction's H*W values, and 
 * ``_project_kernel`` computes the projections as an implicit GEMM straight from the padded
   image (no unfolded patch tensor); directions are processed in chunks so only a chunk's
   projections and sort buffers are alive at a time.
-* the sort is torch's (a segmented radix sort on CUDA); only values of y are kept.
-* ``_abs_diff_kernel`` reduces |sorted x - sorted y| to per-block partial sums (no atomics:
+* small levels sort in registers (``_sorted_diff_in_registers_kernel``: tl.sort of the float's
+  order key packed with its index, so the permutation comes with it) and reduce in the same
+  program; large ones use torch's sort (a segmented radix sort on CUDA), then
+  ``_abs_diff_kernel`` reduces |sorted x - sorted y| to per-block partial sums (no atomics:
   deterministic) and scatters sign(sorted x - sorted y) back through x's sort permutation as
   int8 — the only per-value state kept for backward (1 byte a value; the reference keeps an
   int64 index and the fp32 projections).
@@ -28,6 +30,11 @@ from torch import Tensor
 
 # Directions per chunk: bounds the live projections and sort buffers to a chunk's worth.
 CHUNK = 32
+# Levels with at most this many pixels sort in registers (one program per direction, tl.sort on
+# packed key+index); larger ones use torch's segmented sort. NOT YET MEASURED on a GPU:
+# benchmarks/bench_swd.py --sort-sweep times both per level size, and this constant should
+# follow it. 4096 = the two smallest levels of a 512 px pyramid (64^2, 32^2).
+REGISTER_SORT_MAX = 4096
 
 
 @triton.jit
@@ -71,6 +78,35 @@ def _abs_diff_kernel(sx_ptr, sy_ptr, idx_ptr, sign_ptr, partial_ptr, N, P_CHUNK,
 
 
 @triton.jit
+def _float_key(v):
+    # float32 -> int32 with the same order (negatives: flip the magnitude bits)
+    bits = v.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _sorted_diff_in_registers_kernel(px_ptr, py_ptr, sign_ptr, partial_ptr, N, P_CHUNK, P_TOTAL, p0,
+                                     BLOCK: tl.constexpr):
+    # One direction of one item per program, all N values in registers: sort x with its
+    # permutation (order key and index packed in one int64), sort y, then as _abs_diff_kernel.
+    p, b = tl.program_id(0), tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    row = (b.to(tl.int64) * P_CHUNK + p) * N
+    vx = tl.load(px_ptr + row + offs, mask=mask, other=float("inf"))  # padding sorts last
+    vy = tl.load(py_ptr + row + offs, mask=mask, other=float("inf"))
+    packed = tl.sort((_float_key(vx).to(tl.int64) << 32) | offs.to(tl.int64))
+    idx = (packed & 0xFFFFFFFF).to(tl.int32)
+    kx = (packed >> 32).to(tl.int32)
+    sx = tl.where(kx < 0, kx ^ 0x7FFFFFFF, kx).to(tl.float32, bitcast=True)
+    sy = tl.sort(vy)
+    d = tl.where(mask, sx, 0.0) - tl.where(mask, sy, 0.0)  # the padding (inf) never subtracts
+    s = tl.where(d > 0, 1, tl.where(d < 0, -1, 0)).to(tl.int8)
+    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, s, mask=mask)
+    tl.store(partial_ptr + b * P_CHUNK + p, tl.sum(tl.abs(d), axis=0))
+
+
+@triton.jit
 def _project_back_kernel(sign_ptr, scale_ptr, w_ptr, out_ptr, C, Hp, Wp, H, W, P, K,
                          KS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # out[b, c, q] = scale[b] * sum_{p,i,j} sign[b, p, y(q) - i, x(q) - j] * w[p, c, i, j]
@@ -110,21 +146,33 @@ def _project(xpad: Tensor, w: Tensor, H: int, W: int) -> Tensor:
     return out
 
 
-def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, H: int, W: int) -> tuple[Tensor, Tensor]:
+def _sorted_diff(px: Tensor, py: Tensor, sign: Tensor, p0: int, register_sort_max: int) -> Tensor:
+    """Sum of |sorted px - sorted py| per item; writes the signs of directions p0.. into ``sign``."""
+    B, n, N = px.shape
+    P = sign.shape[1]
+    if N <= register_sort_max:
+        partial = torch.empty(B, n, device=px.device, dtype=torch.float32)
+        _sorted_diff_in_registers_kernel[(n, B)](px, py, sign, partial, N, n, P, p0,
+                                                 BLOCK=triton.next_power_of_2(N))
+        return partial.sum(dim=1, dtype=torch.float64)
+    sx, idx = px.sort(dim=2)
+    sy = py.sort(dim=2).values
+    BLOCK = 1024
+    nblocks = triton.cdiv(N, BLOCK)
+    partial = torch.empty(B, n, nblocks, device=px.device, dtype=torch.float32)
+    _abs_diff_kernel[(nblocks, n, B)](sx, sy, idx, sign, partial, N, n, P, p0, nblocks, BLOCK=BLOCK)
+    return partial.sum(dim=(1, 2), dtype=torch.float64)
+
+
+def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, H: int, W: int,
+             register_sort_max: int) -> tuple[Tensor, Tensor]:
     """Per-item loss (B,) and the int8 signs (B, P, H*W) in x's original (unsorted) order."""
     B, P, N = xpad.shape[0], w.shape[0], H * W
     sign = torch.empty(B, P, N, device=xpad.device, dtype=torch.int8)
     total = torch.zeros(B, device=xpad.device, dtype=torch.float64)
-    BLOCK = 1024 if N >= 1024 else triton.next_power_of_2(N)
-    nblocks = triton.cdiv(N, BLOCK)
     for p0 in range(0, P, CHUNK):
         wc = w[p0:p0 + CHUNK]
-        sx, idx = _project(xpad, wc, H, W).sort(dim=2)
-        sy = _project(ypad, wc, H, W).sort(dim=2).values
-        partial = torch.empty(B, len(wc), nblocks, device=xpad.device, dtype=torch.float32)
-        _abs_diff_kernel[(nblocks, len(wc), B)](sx, sy, idx, sign, partial, N, len(wc), P, p0, nblocks, BLOCK=BLOCK)
-        total += partial.sum(dim=(1, 2), dtype=torch.float64)
-        del sx, sy, idx
+        total += _sorted_diff(_project(xpad, wc, H, W), _project(ypad, wc, H, W), sign, p0, register_sort_max)
     return (total / (P * N)).to(torch.float32), sign
 
 
@@ -143,9 +191,11 @@ class SwdSortedL1(torch.autograd.Function):
     """loss[b] = mean over directions and pixels of |sort(proj x) - sort(proj y)|; grad to x only."""
 
     @staticmethod
-    def forward(ctx, xpad: Tensor, ypad: Tensor, projections: Tensor, H: int, W: int) -> Tensor:
+    def forward(ctx, xpad: Tensor, ypad: Tensor, projections: Tensor, H: int, W: int,
+                register_sort_max: int) -> Tensor:
         w = projections.detach().flatten(1).float().contiguous()
-        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, H, W)
+        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, H, W,
+                              register_sort_max)
         ctx.save_for_backward(sign, w)
         ctx.shape = (xpad.shape[1], xpad.shape[2], xpad.shape[3], H, W)
         ctx.dtype = xpad.dtype
@@ -157,11 +207,15 @@ class SwdSortedL1(torch.autograd.Function):
         C, Hp, Wp, H, W = ctx.shape
         scale = (grad_loss.float() / (w.shape[0] * H * W)).contiguous()
         grad = _backward(sign, scale, w, C, Hp, Wp, H, W)
-        return grad.to(ctx.dtype), None, None, None, None
+        return grad.to(ctx.dtype), None, None, None, None, None
 
 
-def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
-    """Triton version of :func:`opad.losses.swd_sorted_l1_reference`; y gets no gradient."""
+def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor, register_sort_max: int | None = None) -> Tensor:
+    """Triton version of :func:`opad.losses.swd_sorted_l1_reference`; y gets no gradient.
+
+    Levels of at most ``register_sort_max`` pixels (default :data:`REGISTER_SORT_MAX`) sort in
+    registers, larger ones with torch's segmented sort.
+    """
     from opad.losses import _pad  # the reference's padding rule (reflect, replicate when tiny)
 
     if x.shape != y.shape or x.dim() != 4 or projections.dim() != 4 or projections.shape[1] != x.shape[1]:
@@ -169,4 +223,5 @@ def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
                          f"{tuple(projections.shape)} do not match (B, C, H, W) and (P, C, k, k)")
     p = projections.shape[-1] // 2
     H, W = x.shape[-2:]
-    return SwdSortedL1.apply(_pad(x, p), _pad(y.detach(), p), projections, H, W)
+    limit = REGISTER_SORT_MAX if register_sort_max is None else register_sort_max
+    return SwdSortedL1.apply(_pad(x, p), _pad(y.detach(), p), projections, H, W, limit)

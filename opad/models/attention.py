@@ -43,6 +43,7 @@ class CrossAttentionKV:
         self.detach_first_token = False  # Custom Diffusion's start-token detach (values unchanged)
         self._key: tuple | None = None
         self._context: Tensor | None = None
+        self._version = 0
         self._kv: list[tuple[Tensor, Tensor]] = []
         self.computations = 0  # how many times all layers' K/V were computed (tests read it)
 
@@ -52,10 +53,18 @@ class CrossAttentionKV:
     def prepare(self, context: Tensor, fresh: bool) -> None:
         """Compute every layer's K/V for ``context`` unless cached (``fresh``: always compute)."""
         key = self._cache_key(context)
-        if fresh or self._context is not context or key != self._key:
+        if fresh or key != self._key or not self._same_context(context):
             self._kv = self._compute(context)
-            self._key, self._context = key, context
+            self._key, self._context, self._version = key, context, context._version
             self.computations += 1
+
+    def _same_context(self, context: Tensor) -> bool:
+        # the sampler's CFG concatenates [uncond, cond] anew each step: equal values count too
+        cached = self._context
+        if cached is context:
+            return context._version == self._version
+        return (cached is not None and cached.shape == context.shape and cached.dtype == context.dtype
+                and cached.device == context.device and torch.equal(cached, context))
 
     def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
         """(key, value) of layer ``index`` for ``context``, each (B, heads, S, head_dim)."""
@@ -66,7 +75,7 @@ class CrossAttentionKV:
         return [w for m in self.layers for w in (m.to_k.weight, m.to_v.weight)]
 
     def _cache_key(self, context: Tensor) -> tuple:
-        return (context._version, torch.is_grad_enabled(), torch.is_autocast_enabled(context.device.type),
+        return (torch.is_grad_enabled(), torch.is_autocast_enabled(context.device.type),
                 self.detach_first_token, tuple((id(w), w._version) for w in self._weights()))
 
     def _compute(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
