@@ -10,13 +10,12 @@ benchmarks/results.csv (name kv_proj_fwd_bwd). Without a GPU only the reference 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from common import write_rows
-from kernel_timing import providers, time_op
+from kernel_timing import time_providers
 from opad.kernels.kv_proj import kv_project
 from opad.runtime import pick_device
 
@@ -43,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
 
     shape = f"B{args.batch},L{args.tokens},D{args.dim},{len(SD21_WIDTHS)}layers"
-    rows = []
-    for provider in providers(device):
-        os.environ["OPAD_KERNELS"] = provider
-        rows.append({"name": "kv_proj_fwd_bwd", "provider": provider, "shape": shape,
-                     **time_op(step, device, args.repeats)})
-        print(f"{provider:9s} {rows[-1]['median_ms']:10.3f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB", file=sys.stderr)
+    rows = time_providers("kv_proj_fwd_bwd", shape, step, device, args.repeats)
     print(write_rows(rows, device))
     return 0
 

@@ -15,13 +15,12 @@ should be the largest size at which registers win.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 from common import write_rows
-from kernel_timing import providers, time_op
+from kernel_timing import time_op, time_providers
 from opad import losses
 from opad.runtime import pick_device
 
@@ -51,12 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         losses.ms_swd(x, y, num_scales=args.scales, projections=projections).sum().backward()
 
     shape = f"{args.batch}x3x{args.size}x{args.size},P{args.projections},k{args.patch},s{args.scales}"
-    rows = []
-    for provider in providers(device):
-        os.environ["OPAD_KERNELS"] = provider
-        rows.append({"name": "ms_swd_fwd_bwd", "provider": provider, "shape": shape,
-                     **time_op(step, device, args.repeats)})
-        print(f"{provider:9s} {rows[-1]['median_ms']:10.1f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB", file=sys.stderr)
+    rows = time_providers("ms_swd_fwd_bwd", shape, step, device, args.repeats)
     print(write_rows(rows, device))
     return 0
 

@@ -5,6 +5,8 @@ Each call returns a ``measure()``-shaped dict (median/p20/p80 ms, peak memory MB
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -31,3 +33,15 @@ def time_op(fn: Callable[[], object], device: torch.device, repeats: int) -> dic
 def providers(device: torch.device) -> list[str]:
     """The Triton kernel is benchmarked on a GPU only (the CPU interpreter says nothing about speed)."""
     return ["reference", "triton"] if device.type == "cuda" else ["reference"]
+
+
+def time_providers(name: str, shape: str, step: Callable[[], object], device: torch.device,
+                   repeats: int) -> list[dict]:
+    """One row per provider of :func:`providers`, each timed with ``OPAD_KERNELS`` set to it."""
+    rows = []
+    for provider in providers(device):
+        os.environ["OPAD_KERNELS"] = provider
+        rows.append({"name": name, "provider": provider, "shape": shape, **time_op(step, device, repeats)})
+        print(f"{name} {provider:9s} {rows[-1]['median_ms']:10.3f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB",
+              file=sys.stderr)
+    return rows

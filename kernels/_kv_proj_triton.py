@@ -12,16 +12,26 @@ BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
 
 
 @triton.jit
+def _head_split(m, n, S, hd, N):
+    # offset of row m = (b, s) and column n = (h, d) in a (B, N // hd, S, hd) tensor
+    return ((m // S * (N // hd) + n // hd) * S + m % S) * hd + n % hd
+
+
+@triton.jit
+def _tile(tiles, t, n_of, hd_of):
+    # tile t of the table: its weight g, first column n0, and g's width and head size
+    g = tl.load(tiles + 2 * t)
+    return g, tl.load(tiles + 2 * t + 1), tl.load(n_of + g), tl.load(hd_of + g)
+
+
+@triton.jit
 def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
                        DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out_g[b, n // hd, s, n % hd] = sum_k x[b, s, k] * w_g[n, k] for the tile's weight g
     pid_m, t = tl.program_id(0), tl.program_id(1)
-    g = tl.load(tiles + 2 * t)
-    n0 = tl.load(tiles + 2 * t + 1)
+    g, n0, N, hd = _tile(tiles, t, n_of, hd_of)
     w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(W_DTYPE))
     out_ptr = tl.load(out_ptrs + g).to(tl.pointer_type(DTYPE))
-    N = tl.load(n_of + g)
-    hd = tl.load(hd_of + g)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -32,10 +42,7 @@ def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
         b = tl.load(w_ptr + offs_n[None, :] * D + offs_k[:, None],
                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < D), other=0.0).to(DTYPE)
         acc += tl.dot(a, b, input_precision="ieee")
-    bi, s = offs_m // S, offs_m % S
-    h, d = offs_n // hd, offs_n % hd
-    heads = N // hd
-    dst = ((bi[:, None] * heads + h[None, :]) * S + s[:, None]) * hd + d[None, :]
+    dst = _head_split(offs_m[:, None], offs_n[None, :], S, hd, N)
     tl.store(out_ptr + dst, acc.to(DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -44,21 +51,15 @@ def _kv_dw_kernel(x_ptr, gout_ptrs, dw_ptrs, tiles, n_of, hd_of, M, S, D,
                   DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     # dw_g[n, k] = sum_m gout_g[b(m), n // hd, s(m), n % hd] * x[m, k]
     t, pid_k = tl.program_id(0), tl.program_id(1)
-    g = tl.load(tiles + 2 * t)
-    n0 = tl.load(tiles + 2 * t + 1)
+    g, n0, N, hd = _tile(tiles, t, n_of, hd_of)
     gout_ptr = tl.load(gout_ptrs + g).to(tl.pointer_type(DTYPE))
     dw_ptr = tl.load(dw_ptrs + g).to(tl.pointer_type(W_DTYPE))
-    N = tl.load(n_of + g)
-    hd = tl.load(hd_of + g)
-    heads = N // hd
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    h, d = offs_n // hd, offs_n % hd
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        bi, s = offs_m // S, offs_m % S
-        src = ((bi[None, :] * heads + h[:, None]) * S + s[None, :]) * hd + d[:, None]
+        src = _head_split(offs_m[None, :], offs_n[:, None], S, hd, N)
         go = tl.load(gout_ptr + src, mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         xv = tl.load(x_ptr + offs_m[:, None] * D + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < D), other=0.0)
@@ -74,18 +75,15 @@ def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    bi, s = offs_m // S, offs_m % S
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for g in range(0, G):
         gout_ptr = tl.load(gout_ptrs + g).to(tl.pointer_type(DTYPE))
         w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(W_DTYPE))
         N = tl.load(n_of + g)
         hd = tl.load(hd_of + g)
-        heads = N // hd
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            h, d = offs_n // hd, offs_n % hd
-            src = ((bi[:, None] * heads + h[None, :]) * S + s[:, None]) * hd + d[None, :]
+            src = _head_split(offs_m[:, None], offs_n[None, :], S, hd, N)
             go = tl.load(gout_ptr + src, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             wv = tl.load(w_ptr + offs_n[:, None] * D + offs_k[None, :],
                          mask=(offs_n[:, None] < N) & (offs_k[None, :] < D), other=0.0).to(DTYPE)

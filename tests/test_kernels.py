@@ -34,7 +34,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def exact_fp32_references(monkeypatch):
     """On a GPU, cuDNN's conv and cuBLAS would use TF32 for the references; compare against fp32."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture()
