@@ -330,6 +330,17 @@ def test_kv_is_computed_once_per_unet_call_and_reused_while_sampling(bundle):
         assert kv.computations == start + 5 and not torch.equal(first, changed)
 
 
+def test_an_equal_but_other_context_gets_its_own_gradient(bundle):
+    kv = fused_kv(bundle.student_unet)
+    enable_kv_training(bundle.student_unet)
+    first = torch.randn(1, 77, bundle.student_unet.config.cross_attention_dim, requires_grad=True)
+    second = first.detach().clone().requires_grad_(True)
+    kv.get(0, first)
+    key, _ = kv.get(0, second)  # equal values, but recorded K/V of `first` would misroute
+    key.sum().backward()
+    assert second.grad is not None and first.grad is None
+
+
 def test_install_is_idempotent_and_other_processors_survive(bundle):
     unet = bundle.student_unet
     kv = fused_kv(unet)

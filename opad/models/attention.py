@@ -59,11 +59,13 @@ class CrossAttentionKV:
             self.computations += 1
 
     def _same_context(self, context: Tensor) -> bool:
-        # the sampler's CFG concatenates [uncond, cond] anew each step: equal values count too
+        # the sampler's CFG concatenates [uncond, cond] anew each step: equal values count too, but
+        # only outside autograd (K/V recorded from another tensor would send its gradient there)
         cached = self._context
         if cached is context:
             return context._version == self._version
-        return (cached is not None and cached.shape == context.shape and cached.dtype == context.dtype
+        return (not torch.is_grad_enabled() and cached is not None and cached.shape == context.shape
+                and cached.dtype == context.dtype
                 and cached.device == context.device and torch.equal(cached, context))
 
     def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
