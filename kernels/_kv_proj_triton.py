@@ -122,7 +122,7 @@ class KVProject(torch.autograd.Function):
             tiles, _table(sizes, x.device), _table(hds, x.device), B * S, S, D,
             DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         ctx.save_for_backward(x2, *ws)
-        ctx.heads, ctx.hds = heads, hds
+        ctx.hds = hds
         return tuple(outs)
 
     @staticmethod

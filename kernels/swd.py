@@ -61,6 +61,11 @@ def _project_kernel(x_ptr, w_ptr, out_ptr, C, Hp, Wp, W, HW, P, K,
 
 
 @triton.jit
+def _sign_i8(d):
+    return tl.where(d > 0, 1, tl.where(d < 0, -1, 0)).to(tl.int8)
+
+
+@triton.jit
 def _abs_diff_kernel(sx_ptr, sy_ptr, idx_ptr, sign_ptr, partial_ptr, N, P_CHUNK, P_TOTAL, p0, NBLOCKS,
                      BLOCK: tl.constexpr):
     # partial[b, p, blk] = sum |sx - sy| over the block; sign[b, p0 + p, idx] = sign(sx - sy)
@@ -72,8 +77,7 @@ def _abs_diff_kernel(sx_ptr, sy_ptr, idx_ptr, sign_ptr, partial_ptr, N, P_CHUNK,
     sy = tl.load(sy_ptr + row + offs, mask=mask, other=0.0)
     idx = tl.load(idx_ptr + row + offs, mask=mask, other=0)
     d = sx - sy
-    s = tl.where(d > 0, 1, tl.where(d < 0, -1, 0)).to(tl.int8)
-    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, s, mask=mask)
+    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, _sign_i8(d), mask=mask)
     tl.store(partial_ptr + (b * P_CHUNK + p) * NBLOCKS + blk, tl.sum(tl.abs(d), axis=0))
 
 
@@ -101,8 +105,7 @@ def _sorted_diff_in_registers_kernel(px_ptr, py_ptr, sign_ptr, partial_ptr, N, P
     sx = tl.where(kx < 0, kx ^ 0x7FFFFFFF, kx).to(tl.float32, bitcast=True)
     sy = tl.sort(vy)
     d = tl.where(mask, sx, 0.0) - tl.where(mask, sy, 0.0)  # the padding (inf) never subtracts
-    s = tl.where(d > 0, 1, tl.where(d < 0, -1, 0)).to(tl.int8)
-    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, s, mask=mask)
+    tl.store(sign_ptr + (b.to(tl.int64) * P_TOTAL + p0 + p) * N + idx, _sign_i8(d), mask=mask)
     tl.store(partial_ptr + b * P_CHUNK + p, tl.sum(tl.abs(d), axis=0))
 
 
@@ -134,7 +137,7 @@ def _project_back_kernel(sign_ptr, scale_ptr, w_ptr, out_ptr, C, Hp, Wp, H, W, P
     tl.store(out_ptrs, acc, mask=(offs_m[:, None] < Hp * Wp) & (offs_c[None, :] < C))
 
 
-def _project(xpad: Tensor, w: Tensor, H: int, W: int) -> Tensor:
+def _project(xpad: Tensor, w: Tensor, k: int, H: int, W: int) -> Tensor:
     """(B, C, Hp, Wp) padded image, (n, C*k*k) directions -> (B, n, H*W) projections, fp32."""
     B, C, Hp, Wp = xpad.shape
     n, K = w.shape
@@ -142,7 +145,7 @@ def _project(xpad: Tensor, w: Tensor, H: int, W: int) -> Tensor:
     BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 32
     grid = (triton.cdiv(H * W, BLOCK_M), triton.cdiv(n, BLOCK_N), B)
     _project_kernel[grid](xpad, w, out, C, Hp, Wp, W, H * W, n, K,
-                          KS=int(round((K // C) ** 0.5)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                          KS=k, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 
 
@@ -164,7 +167,7 @@ def _sorted_diff(px: Tensor, py: Tensor, sign: Tensor, p0: int, register_sort_ma
     return partial.sum(dim=(1, 2), dtype=torch.float64)
 
 
-def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, H: int, W: int,
+def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, k: int, H: int, W: int,
              register_sort_max: int) -> tuple[Tensor, Tensor]:
     """Per-item loss (B,) and the int8 signs (B, P, H*W) in x's original (unsorted) order."""
     B, P, N = xpad.shape[0], w.shape[0], H * W
@@ -172,18 +175,18 @@ def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, H: int, W: int,
     total = torch.zeros(B, device=xpad.device, dtype=torch.float64)
     for p0 in range(0, P, CHUNK):
         wc = w[p0:p0 + CHUNK]
-        total += _sorted_diff(_project(xpad, wc, H, W), _project(ypad, wc, H, W), sign, p0, register_sort_max)
+        total += _sorted_diff(_project(xpad, wc, k, H, W), _project(ypad, wc, k, H, W), sign, p0, register_sort_max)
     return (total / (P * N)).to(torch.float32), sign
 
 
-def _backward(sign: Tensor, scale: Tensor, w: Tensor, C: int, Hp: int, Wp: int, H: int, W: int) -> Tensor:
+def _backward(sign: Tensor, scale: Tensor, w: Tensor, k: int, C: int, Hp: int, Wp: int, H: int, W: int) -> Tensor:
     B, P = sign.shape[0], w.shape[0]
     out = torch.empty(B, C, Hp, Wp, device=sign.device, dtype=torch.float32)
     BLOCK_M, BLOCK_K = 64, 32
     BLOCK_C = max(16, triton.next_power_of_2(C))
     _project_back_kernel[(triton.cdiv(Hp * Wp, BLOCK_M), B)](
         sign, scale, w, out, C, Hp, Wp, H, W, P, w.shape[1],
-        KS=int(round((w.shape[1] // C) ** 0.5)), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
+        KS=k, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K)
     return out
 
 
@@ -193,20 +196,21 @@ class SwdSortedL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xpad: Tensor, ypad: Tensor, projections: Tensor, H: int, W: int,
                 register_sort_max: int) -> Tensor:
+        k = projections.shape[-1]
         w = projections.detach().flatten(1).float().contiguous()
-        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, H, W,
+        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, k, H, W,
                               register_sort_max)
         ctx.save_for_backward(sign, w)
-        ctx.shape = (xpad.shape[1], xpad.shape[2], xpad.shape[3], H, W)
+        ctx.shape = (k, *xpad.shape[1:], H, W)
         ctx.dtype = xpad.dtype
         return loss.to(xpad.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         sign, w = ctx.saved_tensors
-        C, Hp, Wp, H, W = ctx.shape
+        k, C, Hp, Wp, H, W = ctx.shape
         scale = (grad_loss.float() / (w.shape[0] * H * W)).contiguous()
-        grad = _backward(sign, scale, w, C, Hp, Wp, H, W)
+        grad = _backward(sign, scale, w, k, C, Hp, Wp, H, W)
         return grad.to(ctx.dtype), None, None, None, None, None
 
 

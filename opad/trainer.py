@@ -209,9 +209,9 @@ class Trainer:
         # K/V and token rows in separate groups, so each can get its own settings later
         groups = [{"params": g} for g in (params, token_params) if g]
         # one multi-tensor step for all K/V weights: torch's fused kernel on CUDA, foreach elsewhere
-        fused = self.device.type == "cuda"
+        step = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                                 weight_decay=self.cfg.weight_decay, fused=fused or None, foreach=not fused or None)
+                                 weight_decay=self.cfg.weight_decay, **step)
 
     def _check_resume_config(self) -> None:
         saved_path = self.out / "config.json"

@@ -25,9 +25,13 @@ from torch import Tensor
 from opad.kernels.kv_proj import kv_project
 
 
-def _cross_attention_modules(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
-    names = [n.removesuffix(".processor") for n in unet.attn_processors if n.endswith("attn2.processor")]
-    return [(n, unet.get_submodule(n)) for n in names]
+def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """The UNet's cross-attention modules (``...attn2``) by name, in model order."""
+    return {
+        name.removesuffix(".processor"): unet.get_submodule(name.removesuffix(".processor"))
+        for name in unet.attn_processors
+        if name.endswith("attn2.processor")
+    }
 
 
 def _plain_linear(m: torch.nn.Module) -> bool:
@@ -46,9 +50,6 @@ class CrossAttentionKV:
         self._version = 0
         self._kv: list[tuple[Tensor, Tensor]] = []
         self.computations = 0  # how many times all layers' K/V were computed (tests read it)
-
-    def clear(self) -> None:
-        self._key, self._context, self._kv = None, None, []
 
     def prepare(self, context: Tensor, fresh: bool) -> None:
         """Compute every layer's K/V for ``context`` unless cached (``fresh``: always compute)."""
@@ -144,10 +145,10 @@ def install_fused_kv(unet: UNet2DConditionModel) -> CrossAttentionKV:
     existing = fused_kv(unet)
     if existing is not None:
         return existing
-    layers = _cross_attention_modules(unet)
-    kv = CrossAttentionKV([m for _, m in layers])
+    layers = cross_attention_layers(unet)
+    kv = CrossAttentionKV(list(layers.values()))
     processors = dict(unet.attn_processors)
-    for index, (name, _) in enumerate(layers):
+    for index, name in enumerate(layers):
         processors[f"{name}.processor"] = FusedKVAttnProcessor(kv, index)
     unet.set_attn_processor(processors)
 

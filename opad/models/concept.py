@@ -24,21 +24,12 @@ from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
-from opad.models.attention import fused_kv
 from opad.fsutil import staged_dir
+from opad.models.attention import cross_attention_layers, fused_kv
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
 META_NAME = "opad_concept.json"
 _K, _V = "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight"
-
-
-def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, torch.nn.Module]:
-    """The UNet's cross-attention modules (``...attn2``) by name, in model order."""
-    return {
-        name.removesuffix(".processor"): unet.get_submodule(name.removesuffix(".processor"))
-        for name in unet.attn_processors
-        if name.endswith("attn2.processor")
-    }
 
 
 def kv_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
