@@ -1,9 +1,66 @@
-"""Install opad. ``pip install --no-build-isolation -e .`` so compiled parts build against the
-installed (pinned) torch rather than a fresh one in an isolated build environment."""
+"""Install opad. ``pip install --no-build-isolation -e .`` so the compiled extension ``opad._C``
+builds against the installed (pinned) torch rather than a fresh one in an isolated build environment.
+
+The extension (csrc/) always has its CPU part. Its CUDA part is built when nvcc and a CUDA build of
+torch are present, or always with ``FORCE_CUDA=1``; ``OPAD_SKIP_CUDA_BUILD=1`` leaves it out. A
+CUDA build honours ``TORCH_CUDA_ARCH_LIST`` (default below, with Hopper's 9.0) and ``MAX_JOBS``
+(parallel compile jobs, through ninja). A compile error fails the install: it never falls back.
+"""
+
+import os
+import sys
 
 from setuptools import find_packages, setup
 
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # Ampere, Hopper, and PTX that newer GPUs compile at load
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_home() -> None:
+    """Point torch's builder at the toolkit. It guesses CUDA_HOME from where ``nvcc`` is on PATH,
+    which for a wrapper script such as /usr/local/bin/nvcc is /usr/local, without the libraries."""
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _extension_build() -> dict:
+    """``ext_modules`` and ``cmdclass`` for opad._C, built with torch's extension builder."""
+    _cuda_home()
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # e.g. pip's metadata step in an isolated environment; the README installs torch first
+        print("opad: torch is not importable, so opad._C is not built (install torch first, then "
+              "pip install --no-build-isolation -e .)", file=sys.stderr)
+        return {}
+    sources = ["csrc/feature_pass.cpp", "csrc/feature_pass_cpu.cpp", "csrc/resize_tables.cpp"]
+    # ATen's parallel_for is OpenMP inlined into the extension; hidden symbols keep two builds
+    # loaded in one process (a test loads a CPU-only one) from resolving to each other
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if _flag("OPAD_SKIP_CUDA_BUILD"):
+        with_cuda, why = False, "OPAD_SKIP_CUDA_BUILD=1"
+    elif _flag("FORCE_CUDA"):
+        with_cuda, why = True, "FORCE_CUDA=1"
+    else:
+        with_cuda = nvcc_found and torch.version.cuda is not None
+        why = (f"nvcc in {CUDA_HOME}, torch CUDA {torch.version.cuda}" if with_cuda
+               else "no nvcc" if not nvcc_found else "torch is a CPU build")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        print(f"opad: building opad._C with CUDA ({why}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+        ext = CUDAExtension(
+            "opad._C", sources + ["csrc/feature_pass_cuda.cu"], define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-Xcompiler", "-fvisibility=hidden"]}, extra_link_args=["-fopenmp"])
+    else:
+        print(f"opad: building opad._C for the CPU only ({why})", file=sys.stderr)
+        ext = CppExtension("opad._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="opad",
@@ -36,4 +93,5 @@ setup(
         "trt": ["tensorrt"],
     },
     entry_points={"console_scripts": ["opad=opad.cli:main"]},
+    **_extension_build(),
 )

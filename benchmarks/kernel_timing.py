@@ -36,11 +36,12 @@ def providers(device: torch.device) -> list[str]:
 
 
 def time_providers(name: str, shape: str, step: Callable[[], object], device: torch.device,
-                   repeats: int) -> list[dict]:
-    """One row per provider of :func:`providers`, each timed with ``OPAD_KERNELS`` set to it."""
+                   repeats: int, modes: dict[str, str] | None = None) -> list[dict]:
+    """One row per provider, each timed with ``OPAD_KERNELS`` set to its mode: by default the
+    providers of :func:`providers` (named as their mode); ``modes`` maps provider names to modes."""
     rows = []
-    for provider in providers(device):
-        os.environ["OPAD_KERNELS"] = provider
+    for provider, value in (modes or {p: p for p in providers(device)}).items():
+        os.environ["OPAD_KERNELS"] = value
         rows.append({"name": name, "provider": provider, "shape": shape, **time_op(step, device, repeats)})
         print(f"{name} {provider:9s} {rows[-1]['median_ms']:10.3f} ms  peak {rows[-1]['peak_mem_mb']:8.1f} MB",
               file=sys.stderr)

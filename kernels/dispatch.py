@@ -1,17 +1,29 @@
 """One switch for every accelerated op: ``OPAD_KERNELS=auto|triton|reference``.
 
-``auto`` (the default) takes an op's Triton kernel for CUDA tensors and its pure-torch reference
-otherwise; ``triton`` forces the kernel (CPU tensors only under ``TRITON_INTERPRET=1``, set
-before the kernels are imported) and fails with one clear error where it cannot run;
-``reference`` forces the reference. Every op asks :func:`choose` and nothing else reads the
-variable, so tests flip one environment variable to compare the two implementations.
+An op is accelerated by a Triton kernel (kernels/) or by the compiled extension ``opad._C``
+(csrc/), and keeps its pure-torch reference either way.
+
+- ``auto`` (the default): a Triton op takes its kernel for CUDA tensors and the reference
+  otherwise; an extension op takes the extension wherever it was built for the device (its CPU
+  part always, its CUDA part when compiled with nvcc), and falls back to the reference otherwise
+  (``Choice.fallback``: the op warns once).
+- ``triton``: forces each op's accelerated implementation (the Triton kernel, CPU tensors only
+  under ``TRITON_INTERPRET=1``; the extension for extension ops) and fails with one clear error
+  where it cannot run.
+- ``reference``: forces the reference.
+
+Every op asks :func:`choose` and nothing else reads the variable, so tests flip one environment
+variable to compare the implementations.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -20,21 +32,35 @@ from opad.errors import OpadError
 ENV = "OPAD_KERNELS"
 MODES = ("auto", "triton", "reference")
 
-# op name -> what it computes (the report of ``python -m opad.kernels`` lists them in this order)
+
+@dataclass(frozen=True)
+class Op:
+    what: str
+    accelerated_by: str  # "triton" or "extension"
+
+
+# the report of ``python -m opad.kernels`` lists them in this order
 OPS = {
-    "swd_sorted_l1": "MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (kernels/swd.py)",
-    "kv_proj": "every cross-attention layer's K/V from one context in one launch (kernels/kv_proj.py)",
+    "swd_sorted_l1": Op("MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (kernels/swd.py)", "triton"),
+    "kv_proj": Op("every cross-attention layer's K/V from one context in one launch (kernels/kv_proj.py)", "triton"),
+    "feature_pass": Op("every backbone's resized, normalised input from one image, and the summed gradient back "
+                       "(csrc/, opad/feature_pass.py)", "extension"),
 }
 
 
 @dataclass(frozen=True)
 class Choice:
-    impl: str  # "triton" or "reference"
+    impl: str  # "triton", "extension" or "reference"
     reason: str
+    fallback: bool = False  # auto wanted the accelerated implementation but it cannot run here
 
     @property
     def triton(self) -> bool:
         return self.impl == "triton"
+
+    @property
+    def accelerated(self) -> bool:
+        return self.impl != "reference"
 
 
 def mode() -> str:
@@ -53,7 +79,35 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _device_problem(device: torch.device) -> str | None:
+@functools.cache
+def _load_extension() -> tuple[ModuleType | None, str]:
+    """(opad._C, "") or (None, why it could not be imported); tried once per process."""
+    try:
+        return importlib.import_module("opad._C"), ""
+    except ImportError as e:  # not built, or built against another torch (undefined symbols)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"opad._C is not importable ({text[:160]}); pip install --no-build-isolation -e . builds it"
+
+
+def extension() -> ModuleType:
+    """The compiled extension; raises ``OpadError`` when it is not built."""
+    module, problem = _load_extension()
+    if module is None:
+        raise OpadError(problem)
+    return module
+
+
+def _extension_problem(device: torch.device) -> str | None:
+    """Why opad._C cannot run on ``device``, or None when it can."""
+    module, problem = _load_extension()
+    if module is None:
+        return problem
+    if device.type == "cuda":
+        return None if module.cuda_built() else "opad._C was built without CUDA (no nvcc at install time)"
+    return None if device.type == "cpu" else f"opad._C has no {device.type} implementation"
+
+
+def _triton_problem(device: torch.device) -> str | None:
     """Why the Triton kernel cannot run on ``device``, or None when it can."""
     if not triton_installed():
         return "triton is not installed"
@@ -76,7 +130,9 @@ def choose(op: str, device: torch.device | str, unsupported: str | None = None) 
     chosen = mode()
     if chosen == "reference":
         return Choice("reference", f"{ENV}=reference")
-    problem = _device_problem(device) or unsupported
+    if OPS[op].accelerated_by == "extension":
+        return _choose_extension(op, device, chosen, unsupported)
+    problem = _triton_problem(device) or unsupported
     if chosen == "triton":
         if problem:
             raise OpadError(f"{ENV}=triton but the {op} kernel cannot run here: {problem}")
@@ -88,15 +144,26 @@ def choose(op: str, device: torch.device | str, unsupported: str | None = None) 
     return Choice("triton", "auto: Triton kernel for cuda tensors")
 
 
+def _choose_extension(op: str, device: torch.device, chosen: str, unsupported: str | None) -> Choice:
+    problem = _extension_problem(device) or unsupported
+    if chosen == "triton":  # "force the accelerated implementation": for this op, the extension
+        if problem:
+            raise OpadError(f"{ENV}=triton but the compiled {op} cannot run here: {problem}")
+        return Choice("extension", f"{ENV}=triton forces the accelerated implementation: opad._C")
+    if problem:
+        return Choice("reference", f"auto: {problem}", fallback=True)
+    return Choice("extension", f"auto: opad._C for {device.type} tensors")
+
+
 def report() -> str:
     """What each op would use on this machine, per device, and why (``python -m opad.kernels``)."""
     mode()  # a bad OPAD_KERNELS value is one error, not a line per op
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = [f"{ENV}={os.environ.get(ENV, 'auto')!s}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
-             f"triton {'installed' if triton_installed() else 'missing'}  "
+             f"triton {'installed' if triton_installed() else 'missing'}  {_extension_summary()}  "
              f"CUDA {'available' if torch.cuda.is_available() else 'not available'}"]
-    for op, what in OPS.items():
-        lines.append(f"{op}: {what}")
+    for op, spec in OPS.items():
+        lines.append(f"{op}: {spec.what}")
         for device in devices:
             try:
                 c = choose(op, device)
@@ -106,3 +173,10 @@ def report() -> str:
     if not torch.cuda.is_available():
         lines.append("  cuda  -> (no CUDA GPU on this machine)")
     return "\n".join(lines)
+
+
+def _extension_summary() -> str:
+    module, _ = _load_extension()
+    if module is None:
+        return "opad._C missing"
+    return f"opad._C built ({'CPU + CUDA' if module.cuda_built() else 'CPU only'})"

@@ -14,22 +14,26 @@ folder such as IP-Adapter's ``models/image_encoder``), from the hub only when as
 
 Resizing to the input size is bilinear with antialiasing by default; ``area`` is the release's for
 its discriminators and ``bilinear`` (no antialiasing) its identity input. ``normalize=False`` feeds
-the release's raw ``x * 2 - 1`` instead of the mean/std normalisation.
+the release's raw ``x * 2 - 1`` instead of the mean/std normalisation. Resizing and normalising
+is the fused feature pass (opad/feature_pass.py): :func:`backbone_features` makes every backbone's
+input from one image in one op, then runs the encoders, on their own CUDA streams on a GPU.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import open_clip
 import safetensors.torch
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opad.config import RESIZE_MODES
 from opad.errors import OpadError, first_line
+from opad.feature_pass import BackboneInput, feature_pass
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMM_NAMES = {
@@ -40,17 +44,6 @@ TIMM_NAMES = {
 CLIP_DEFAULT_TAGS = {"ViT-H-14": "laion2b_s32b_b79k"}  # other architectures: "openai"
 IP_ADAPTER_HUB = ("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors")
 _TINY_VIT = dict(embed_dim=24, depth=2, num_heads=2)
-
-
-def resize_images(images: Tensor, size: int, mode: str) -> Tensor:
-    """Square resize: ``antialias`` (bilinear with antialiasing), ``area`` (the release's
-    discriminators, util_disc.py L41) or ``bilinear`` (the release's identity input, L2390)."""
-    if mode == "area":
-        return F.interpolate(images, size=(size, size), mode="area")
-    if mode in ("antialias", "bilinear"):
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                             antialias=mode == "antialias")
-    raise ValueError(f"unknown resize mode {mode!r}; choose from {', '.join(RESIZE_MODES)}")
 
 
 class ImageProjection(nn.Module):
@@ -87,8 +80,7 @@ class FrozenBackbone(nn.Module):
         self.resize = resize
         self.tokens = projection.tokens if projection is not None else 1
         self._feature_dim = projection.tokens * projection.token_dim if projection is not None else _width(encoder)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.mean_std = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
     def train(self, mode: bool = True) -> "FrozenBackbone":
         return super().train(False)  # always in eval mode
@@ -98,15 +90,57 @@ class FrozenBackbone(nn.Module):
         """Width D of the feature; read from the model (a forward pass only for unknown encoders)."""
         if self._feature_dim is None:
             with torch.no_grad():
-                self._feature_dim = self(torch.zeros(1, 3, 8, 8, device=self.mean.device)).shape[1]
+                device = next(self.encoder.parameters()).device
+                self._feature_dim = self(torch.zeros(1, 3, 8, 8, device=device)).shape[1]
         return self._feature_dim
+
+    def input_spec(self, resize: str | None = None) -> BackboneInput:
+        """What this backbone's input is made of; ``resize`` overrides the default mode."""
+        mean, std = self.mean_std if self.normalize else (None, None)  # release: raw [-1, 1]
+        return BackboneInput(self.input_size, resize or self.resize, mean, std)
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """Prepared inputs (see :meth:`input_spec`) -> (B, D) float32 features."""
+        features = self.encoder(inputs.to(next(self.encoder.parameters()).dtype)).float()
+        return self.projection(features) if self.projection is not None else features
 
     def forward(self, images: Tensor, resize: str | None = None) -> Tensor:
         """(B, 3, H, W) images, nominally [0, 1] -> (B, D) float32; ``resize`` overrides the default mode."""
-        x = resize_images(images, self.input_size, resize or self.resize)
-        x = (x - self.mean.to(x)) / self.std.to(x) if self.normalize else x * 2 - 1  # release: raw [-1, 1]
-        features = self.encoder(x.to(next(self.encoder.parameters()).dtype)).float()
-        return self.projection(features) if self.projection is not None else features
+        return self.encode(feature_pass(images, [self.input_spec(resize)])[0])
+
+
+def backbone_features(images: Tensor, uses: Sequence[tuple[FrozenBackbone, str | None]]) -> list[Tensor]:
+    """Features of one image batch for each (backbone, resize override) in ``uses``.
+
+    One fused pass makes every input (and its backward sums every input gradient in one write);
+    on a GPU each encoder then runs on its own CUDA stream, so small backbones overlap.
+    """
+    inputs = feature_pass(images, [backbone.input_spec(resize) for backbone, resize in uses])
+    if images.device.type != "cuda" or len(uses) < 2:
+        return [backbone.encode(x) for (backbone, _), x in zip(uses, inputs)]
+    main = torch.cuda.current_stream(images.device)
+    streams = _side_streams(images.device, len(uses))
+    features = []
+    for (backbone, _), x, stream in zip(uses, inputs, streams):
+        stream.wait_stream(main)  # the fused inputs were written on the main stream
+        with torch.cuda.stream(stream):
+            x.record_stream(stream)  # made on main, read here: not to be reused before this stream is done
+            features.append(backbone.encode(x))
+    for stream, f in zip(streams, features):
+        main.wait_stream(stream)
+        f.record_stream(main)  # made here, read on main from now on
+    return features  # autograd runs each encoder's backward on the stream of its forward
+
+
+_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    """``n`` CUDA streams kept for the process (a stream per call would leak driver objects)."""
+    pool = _STREAMS.setdefault(device, [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:n]
 
 
 class _TransformersVision(nn.Module):

@@ -40,7 +40,8 @@ class TeacherFirstTrainer(Trainer):
         with torch.set_grad_enabled(bool(self.student_token_rows)):
             cond_s = self.student_cond(prompts, self._encode(b.text_encoder, prompts))
         _, image = self.student_one_step(cond_s, "student", clamp=False)
-        loss = cfg.id_weight * self._id_loss(image, self.teacher_set_images[idx].to(self.device), {}).mean()
+        f_image = self._student_features(image, with_id=True)["id"]
+        loss = cfg.id_weight * self._id_loss(f_image, self.teacher_set_images[idx].to(self.device)).mean()
         out.values["loss/id"] = out.values["loss/student"] = loss.item()
         self._optimizer_step(self.opt_student, self.student_params, loss, "student", out)
         self._sync_tokens()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opad import losses
-from opad.backbones import DiscriminatorHead, FrozenBackbone, build_backbone
+from opad.backbones import DiscriminatorHead, FrozenBackbone, backbone_features, build_backbone
 from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.config import DISCRIMINATORS, TrainConfig
 from opad.data import Batch, ConceptData, load_images
@@ -369,20 +369,27 @@ class Trainer:
             z0 = student_denoise(b, cond, noise, steps=1)
             return z0, decode_latents(b, z0, clamp=clamp)
 
-    def _id_features(self, image: Tensor, disc_features: dict[str, Tensor]) -> Tensor:
-        """Identity-encoder features; shares the discriminator's forward pass when the resize agrees."""
+    def _student_features(self, image: Tensor, with_id: bool) -> dict[str, Tensor]:
+        """Every backbone feature of the student's image from one fused feature pass: each
+        discriminator's, and under ``"id"`` the identity encoder's, shared with its discriminator's
+        when the resize agrees (an encoder runs twice only on two differently resized inputs)."""
         cfg = self.cfg
-        if cfg.id_encoder in disc_features and cfg.id_resize == cfg.backbone_resize:
-            return disc_features[cfg.id_encoder]
+        uses = {name: (self.backbones[name], None) for name in cfg.discriminators}
+        shared = cfg.id_encoder in uses and cfg.id_resize == cfg.backbone_resize
+        if with_id and not shared:
+            uses["id"] = (self.backbones[cfg.id_encoder], cfg.id_resize)
         with self.accelerator.autocast():
-            return self.backbones[cfg.id_encoder](image, resize=cfg.id_resize)
+            feats = dict(zip(uses, backbone_features(image, list(uses.values()))))
+        if with_id and shared:
+            feats["id"] = feats[cfg.id_encoder]
+        return feats
 
-    def _id_loss(self, image: Tensor, target: Tensor, disc_features: dict[str, Tensor]) -> Tensor:
+    def _id_loss(self, f_image: Tensor, target: Tensor) -> Tensor:
         """1 − cos between the identity features of the student's image and a target image, per item."""
         encoder = self.backbones[self.cfg.id_encoder]
         with torch.no_grad(), self.accelerator.autocast():
             f_target = encoder(target, resize=self.cfg.id_resize)
-        return losses.cosine_distance(self._id_features(image, disc_features), f_target, tokens=encoder.tokens)
+        return losses.cosine_distance(f_image, f_target, tokens=encoder.tokens)
 
     def student_forward(self, prompts: list[str], cond_s: Tensor, cond_t: Tensor,
                         noise: Tensor | None = None) -> StudentResult:
@@ -397,8 +404,7 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         align = cfg.use_teacher and any(w > 0 for w in (cfg.mse_weight, cfg.id_weight, cfg.swd_weight, cfg.lpips_weight))
         z_tc = image_tc = None
-        with self.accelerator.autocast():
-            feats = {name: self.backbones[name](image) for name in cfg.discriminators}  # once per image
+        feats = self._student_features(image, with_id=align and cfg.id_weight > 0)
         if align:
             tsched = b.teacher_scheduler
             ac_t = tsched.alphas_cumprod
@@ -414,7 +420,7 @@ class Trainer:
             if cfg.mse_weight > 0:
                 terms["mse"] = cfg.mse_weight * (c * 0.5 * losses.latent_mse(z_st, z_tc)).mean()
             if cfg.id_weight > 0:
-                terms["id"] = cfg.id_weight * (c * self._id_loss(image, image_tc, feats)).mean()
+                terms["id"] = cfg.id_weight * (c * self._id_loss(feats["id"], image_tc)).mean()
             if cfg.swd_weight > 0:
                 # "signed": the release feeds [-1, 1] images to a Lab conversion made for [0, 1] (L2414)
                 x, y = (image * 2 - 1, image_tc * 2 - 1) if cfg.swd_input == "signed" else (image, image_tc)
@@ -460,10 +466,10 @@ class Trainer:
                 idx = torch.randint(0, len(self.collab_prompts), (cfg.batch_size // 2,), generator=self.generators["real"])
                 real[: len(idx)] = self.collab_images[idx]
         real = real.to(self.device)
+        with torch.no_grad(), self.accelerator.autocast():  # R1 is on the head's input: no image gradient
+            real_feats = backbone_features(real, [(self.backbones[name], None) for name in cfg.discriminators])
         total = 0.0
-        for name in cfg.discriminators:
-            with torch.set_grad_enabled(cfg.r1_weight > 0), self.accelerator.autocast():
-                real_f = self.backbones[name](real).detach()
+        for name, real_f in zip(cfg.discriminators, real_feats):
             if cfg.r1_weight > 0:
                 real_f.requires_grad_(True)
             with self.accelerator.autocast():

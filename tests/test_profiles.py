@@ -159,11 +159,12 @@ def test_release_discriminators_take_the_augmented_batch_as_real(tiny_dir, tmp_p
     assert trainer.backbones["dino_v1"].normalize is False and trainer.backbones["dino_v1"].resize == "area"
     monkeypatch.setattr(trainer.data, "real_images", lambda *a: pytest.fail("release must not draw photos"))
     inputs = []
-    trainer.backbones["dino_v1"].register_forward_pre_hook(lambda m, args, kwargs=None: inputs.append(args[0]))
+    trainer.backbones["dino_v1"].encoder.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
     batch = trainer.next_batch()
     fake = {"dino_v1": torch.randn(2, trainer.backbones["dino_v1"].feature_dim)}
     trainer.discriminator_step(fake, StepOutcome(), batch)
-    assert torch.equal(inputs[-1], (batch.pixels + 1) / 2)
+    expected = torch.nn.functional.interpolate((batch.pixels + 1) / 2, size=(224, 224), mode="area") * 2 - 1
+    torch.testing.assert_close(inputs[-1], expected)
 
 
 def test_release_lpips_is_alexnet_and_paper_vgg(tiny_dir, tmp_path):
@@ -191,8 +192,8 @@ def test_release_identity_input_is_resized_on_its_own(tiny_dir, tmp_path, monkey
     trainer = make_trainer(tmp_path / "run", profile="release")
     modes = []
     clip = trainer.backbones["clip"]
-    real_forward = clip.forward
-    monkeypatch.setattr(clip, "forward", lambda x, resize=None: modes.append(resize) or real_forward(x, resize))
+    real_spec = clip.input_spec
+    monkeypatch.setattr(clip, "input_spec", lambda resize=None: modes.append(resize) or real_spec(resize))
     cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
     trainer.student_forward(PROMPTS, cond, cond)
     assert modes == [None, "bilinear", "bilinear"]  # the discriminator pass (area), student id, teacher id
