@@ -67,9 +67,10 @@ setup(
     version="0.1.0",
     description="One-step diffusion personalization by adversarial concept distillation (OPAD)",
     python_requires=">=3.10",
-    packages=find_packages(include=["opad", "opad.*"]) + ["opad.kernels"],
-    # DESIGN.md §3: the Triton kernels live in kernels/ but install as opad.kernels.
-    package_dir={"opad.kernels": "kernels"},
+    packages=find_packages(include=["opad", "opad.*"]) + ["opad.kernels", "opad.export"],
+    # DESIGN.md §3: the Triton kernels and the export live in kernels/ and export/ but install as
+    # opad.kernels and opad.export.
+    package_dir={"opad.kernels": "kernels", "opad.export": "export"},
     install_requires=[
         *TORCH,
         "diffusers>=0.35",
@@ -87,8 +88,8 @@ setup(
         "pyyaml",  # --config FILE.yaml
     ],
     extras_require={
-        "test": ["pytest>=8"],
-        "export": ["onnx", "onnxruntime"],
+        "test": ["pytest>=8", "onnx", "onnxruntime", "onnxscript"],  # the export tests run real ONNX Runtime
+        "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime"],
         "trt": ["tensorrt"],
     },

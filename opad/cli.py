@@ -1,4 +1,5 @@
-"""The ``opad`` console script: ``opad <command> ...`` runs ``python -m opad.<command> ...``."""
+"""The ``opad`` console script: ``opad <command> ...`` runs ``python -m opad.<command> ...``
+(``opad export`` runs ``python -m opad.export.export_onnx``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ COMMANDS = {
     "train": "personalize the one-step student on a few photos (OPAD)",
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
+    "export": "the student and a concept as split ONNX graphs, checked with ONNX Runtime",
 }
+MODULES = {"export": "opad.export.export_onnx"}  # commands whose module is not opad.<command>
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(f"opad.{argv[0]}")
+    module = importlib.import_module(MODULES.get(argv[0], f"opad.{argv[0]}"))
     return module.main(argv[1:])
 
 

@@ -16,6 +16,9 @@ block recomputing itself in backward reads the same cached K/V.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -49,10 +52,25 @@ class CrossAttentionKV:
         self._context: Tensor | None = None
         self._version = 0
         self._kv: list[tuple[Tensor, Tensor]] = []
+        self._given: list[tuple[Tensor, Tensor]] | None = None
         self.computations = 0  # how many times all layers' K/V were computed (tests read it)
+
+    @contextmanager
+    def given(self, kv: Sequence[tuple[Tensor, Tensor]]) -> Iterator[None]:
+        """Inside, every layer takes its (key, value) from ``kv`` and the context is ignored: the
+        export's concept-agnostic denoise graph gets the K/V as inputs (DESIGN.md §5)."""
+        if len(kv) != len(self.layers):
+            raise ValueError(f"{len(kv)} K/V pairs given for {len(self.layers)} cross-attention layers")
+        self._given = list(kv)
+        try:
+            yield
+        finally:
+            self._given = None
 
     def prepare(self, context: Tensor, fresh: bool) -> None:
         """Compute every layer's K/V for ``context`` unless cached (``fresh``: always compute)."""
+        if self._given is not None:
+            return
         key = self._cache_key(context)
         if fresh or key != self._key or not self._same_context(context):
             self._kv = self._compute(context)
@@ -71,6 +89,8 @@ class CrossAttentionKV:
 
     def get(self, index: int, context: Tensor) -> tuple[Tensor, Tensor]:
         """(key, value) of layer ``index`` for ``context``, each (B, heads, S, head_dim)."""
+        if self._given is not None:
+            return self._given[index]
         self.prepare(context, fresh=False)
         return self._kv[index]
 
@@ -80,6 +100,10 @@ class CrossAttentionKV:
     def _cache_key(self, context: Tensor) -> tuple:
         return (torch.is_grad_enabled(), torch.is_autocast_enabled(context.device.type),
                 self.detach_first_token, tuple((id(w), w._version) for w in self._weights()))
+
+    def compute(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's (key, value) for ``context``, uncached (the export's conditioning graph)."""
+        return self._compute(context)
 
     def _compute(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         B, S = context.shape[:2]

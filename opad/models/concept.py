@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -260,6 +261,33 @@ def _checked_embeddings(concept_dir: Path, tokens: list[str], tokenizer: CLIPTok
     return rows
 
 
+@dataclass
+class ConceptWeights:
+    """A concept read and checked against a model, not applied: its tokens, their embedding rows,
+    and every cross-attention K/V weight in model order (k_0, v_0, k_1, v_1, ...)."""
+
+    tokens: list[str]
+    rows: list[torch.Tensor]
+    kv: list[torch.Tensor]
+
+
+def read_concept(
+    concept_dir: str | os.PathLike,
+    unet: UNet2DConditionModel,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+) -> ConceptWeights:
+    """Read a concept folder and check it (keys, shapes, dtypes, tokens) against these models."""
+    concept_dir = Path(concept_dir)
+    if not concept_dir.is_dir():
+        raise OpadError(f"concept folder not found: {str(concept_dir)!r}")
+    kv = _checked_kv(concept_dir, unet)
+    tokens = _concept_tokens(concept_dir)
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    rows = _checked_embeddings(concept_dir, tokens, tokenizer, width)
+    return ConceptWeights(tokens, rows, [value for value, _ in kv.values()])
+
+
 def load_concept(
     concept_dir: str | os.PathLike,
     unet: UNet2DConditionModel,
@@ -271,15 +299,9 @@ def load_concept(
     Everything is checked (keys, shapes, dtypes, tokens) before anything is changed, so a bad
     concept leaves the models as they were.
     """
-    concept_dir = Path(concept_dir)
-    if not concept_dir.is_dir():
-        raise OpadError(f"concept folder not found: {str(concept_dir)!r}")
-    kv = _checked_kv(concept_dir, unet)
-    tokens = _concept_tokens(concept_dir)
-    width = text_encoder.get_input_embeddings().weight.shape[1]
-    rows = _checked_embeddings(concept_dir, tokens, tokenizer, width)
+    concept = read_concept(concept_dir, unet, tokenizer, text_encoder)
     with torch.no_grad():
-        for value, target in kv.values():
+        for value, target in zip(concept.kv, kv_parameters(unet)):
             target.copy_(value.to(target))
-    _append_embeddings(tokenizer, text_encoder, tokens, rows)
-    return tokens
+    _append_embeddings(tokenizer, text_encoder, concept.tokens, concept.rows)
+    return concept.tokens

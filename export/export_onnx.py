@@ -1,0 +1,286 @@
+"""``python export/export_onnx.py``: the student (and a concept) as ONNX graphs split at the concept
+boundary, each checked with ONNX Runtime against PyTorch on the same inputs.
+
+Writes into --out (all or nothing)::
+
+    conditioning.onnx            (a) token embeddings -> every cross-attention K/V (this concept's)
+    denoise_decode_{N}step.onnx  (b) noise + K/V -> image, concept-agnostic: one file serves every concept
+    single_{N}step.onnx          (c) token embeddings + noise -> image (the classic one graph)
+    token_embeddings.npy         the (vocab, D) table token ids are looked up in (the concept's rows
+                                 included; the lookup stays outside so a new token never changes a shape)
+    tokenizer/                   the tokenizer with the concept's tokens
+    export.json                  the sidecar: source hashes, concept id, precision, shapes, opset,
+                                 exporter, library versions and each graph's measured error
+
+Also ``python -m opad.export.export_onnx`` and ``opad export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opad.errors import OpadError, first_line
+from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
+from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
+from opad.fsutil import check_can_create, staged_dir
+from opad.models.attention import cross_attention_layers
+from opad.models.concept import load_concept
+from opad.models.loading import ModelBundle, load_models
+from opad.runtime import pick_device
+from opad.sampling import STUDENT_STEPS, initial_noise
+
+EXPORTERS = ("dynamo", "torchscript")
+MIN_OPSET = 17
+LARGE = int(1.8 * 2**30)  # weights past this go to external data (protobuf's limit is 2 GB)
+# max |ONNX Runtime - PyTorch| allowed on the float image in [0, 1] (before quantization)
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+def kv_names(layers: int) -> list[str]:
+    return [f"{kind}{i}" for i in range(layers) for kind in ("k", "v")]
+
+
+def denoise_file(steps: int) -> str:
+    return f"denoise_decode_{steps}step.onnx"
+
+
+def single_file(steps: int) -> str:
+    return f"single_{steps}step.onnx"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python export/export_onnx.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the tiny preset)")
+    p.add_argument("--concept", default=None, help="concept folder written by opad.train (default: none, the base "
+                   "student)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--steps", default="1", help="student step counts to export graph (b)/(c) for, e.g. 1 or 1,2,4 "
+                   "(each unrolls its step loop)")
+    p.add_argument("--fp16", action="store_true", help="export in float16 (default float32)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size")
+    p.add_argument("--batch-range", default=None, metavar="A:B",
+                   help="a dynamic batch dimension from A to B instead of a static --batch")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the student's native size)")
+    p.add_argument("--opset", type=int, default=18, help=f"ONNX opset (at least {MIN_OPSET})")
+    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                   help="torch.onnx.export's exporter: dynamo (torch.export) or torchscript (tracing)")
+    p.add_argument("--no-single", action="store_true", help="skip the classic single graph (c)")
+    p.add_argument("--device", default="cpu", help="where to trace and check: cpu, cuda, cuda:N")
+    return p
+
+
+def _parse_steps(text: str) -> list[int]:
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise OpadError(f"--steps must be a comma-separated list of {STUDENT_STEPS}, got {text!r}") from None
+    if not steps or any(s not in STUDENT_STEPS for s in steps):
+        raise OpadError(f"--steps must be a comma-separated list of {STUDENT_STEPS}, got {text!r}")
+    return steps
+
+
+def _parse_batch(args: argparse.Namespace) -> tuple[int, int]:
+    """(min, max) batch: equal for a static batch."""
+    if args.batch_range is None:
+        if args.batch < 1:
+            raise OpadError(f"--batch must be at least 1, got {args.batch}")
+        return args.batch, args.batch
+    try:
+        lo, hi = (int(x) for x in args.batch_range.split(":"))
+    except ValueError:
+        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {args.batch_range!r}") from None
+    if not 1 <= lo <= hi:
+        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {args.batch_range!r}")
+    return lo, hi
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.opset < MIN_OPSET:
+        raise OpadError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise OpadError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OpadError(f"--out {args.out!r} is a file")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise OpadError(f"--out {args.out!r} is not empty; pass --overwrite to replace it")
+    check_can_create(out, "--out")
+    if args.concept is not None and not Path(args.concept).is_dir():
+        raise OpadError(f"concept folder not found: {args.concept!r}")
+    if args.fp16 and pick_device(args.device).type != "cuda":
+        raise OpadError("--fp16 exports trace and check on a GPU: pass --device cuda (the CPU has no fp16 kernels "
+                        "for the convolutions)")
+
+
+@contextlib.contextmanager
+def _reference_kernels() -> Iterator[None]:
+    """Trace the pure-torch references: a Triton kernel is no ONNX op."""
+    old = os.environ.get("OPAD_KERNELS")
+    os.environ["OPAD_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OPAD_KERNELS", None)
+        else:
+            os.environ["OPAD_KERNELS"] = old
+
+
+def _export(module: torch.nn.Module, inputs: tuple, path: Path, input_names: list[str], output_names: list[str],
+            batch: tuple[int, int], opset: int, exporter: str) -> None:
+    """torch.onnx.export with the batch dimension of every input and output dynamic when asked."""
+    dynamic = batch[0] != batch[1]
+    kwargs: dict = {}
+    if dynamic and exporter == "dynamo":
+        kwargs["dynamic_shapes"] = _batch_dynamic_shapes(module, len(inputs), torch.export.Dim("batch", min=batch[0],
+                                                                                               max=batch[1]))
+    elif dynamic:
+        kwargs["dynamic_axes"] = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    # one self-contained file below protobuf's 2 GB limit; beyond it the weights go beside it
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    try:
+        torch.onnx.export(module, inputs, str(path), input_names=input_names, output_names=output_names,
+                          opset_version=opset, dynamo=exporter == "dynamo", external_data=weights >= LARGE, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the exporters raise many types; say which graph and why
+        raise OpadError(f"the {exporter} exporter could not export {path.name}: {first_line(e, 300)}") from e
+    import onnx
+
+    onnx.checker.check_model(str(path))  # by path: works with external data too
+
+
+def _batch_dynamic_shapes(module: torch.nn.Module, count: int, dim) -> tuple:
+    """torch.export's dynamic_shapes for ``forward``'s positional parameters, varargs as one tuple."""
+    shapes: list = []
+    for param in inspect.signature(module.forward).parameters.values():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes.append(tuple({0: dim} for _ in range(count - len(shapes))))
+            break
+        shapes.append({0: dim})
+    return tuple(shapes)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _max_error(onnx_out: list[np.ndarray], torch_out: tuple[torch.Tensor, ...], what: str) -> float:
+    worst = 0.0
+    for got, want in zip(onnx_out, torch_out):
+        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
+            raise OpadError(f"ONNX Runtime gives NaN or inf in {what}")
+        if want.dtype == torch.uint8:
+            continue  # the quantized image: the float image before it is what is compared
+        worst = max(worst, float(np.abs(got.astype(np.float64) - want.double().cpu().numpy()).max()))
+    return worst
+
+
+def _prompt_embeddings(bundle: ModelBundle, tokens: list[str], batch: int) -> torch.Tensor:
+    prompt = f"a photo of {' '.join(tokens)} dog" if tokens else "a photo of a dog"
+    ids = bundle.tokenizer([prompt] * batch, padding="max_length", max_length=bundle.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+    return token_embedding_table(bundle.text_encoder).detach()[ids.to(bundle.device)]
+
+
+def export_onnx(args: argparse.Namespace) -> Path:
+    _check_args(args)
+    steps_list, batch = _parse_steps(args.steps), _parse_batch(args)
+    device = pick_device(args.device)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    precision = "fp16" if args.fp16 else "fp32"
+    bundle = load_models(student=args.student, device=device, dtype=dtype, load_teacher=False)
+    tokens = load_concept(args.concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder) \
+        if args.concept else []
+    resolution = args.resolution or bundle.default_resolution
+    layers = len(cross_attention_layers(bundle.student_unet))
+    names = kv_names(layers)
+    out = Path(args.out)
+    errors: dict[str, float] = {}
+    with _reference_kernels(), torch.no_grad(), staged_dir(out, replace=True) as tmp:
+        embeds = _prompt_embeddings(bundle, tokens, batch[1])
+        noise = torch.cat([initial_noise(bundle, 1, resolution, torch.Generator().manual_seed(i))
+                           for i in range(batch[1])])
+        conditioning = ConditioningGraph(bundle).eval()
+        kv = conditioning(embeds)
+        _export(conditioning, (embeds,), tmp / "conditioning.onnx", ["token_embeds"], names, batch, args.opset,
+                args.exporter)
+        onnx_kv = _session(tmp / "conditioning.onnx").run(None, {"token_embeds": embeds.cpu().numpy()})
+        errors["conditioning"] = _max_error(onnx_kv, kv, "the conditioning graph")
+        files = {"conditioning": "conditioning.onnx"}
+        for steps in steps_list:
+            graphs = [("denoise_decode", DenoiseDecodeGraph(bundle, steps), (noise, *kv), ["noise", *names],
+                       denoise_file(steps))]
+            if not args.no_single:
+                graphs.append(("single", SingleGraph(bundle, steps), (embeds, noise), ["token_embeds", "noise"],
+                               single_file(steps)))
+            for kind, graph, inputs, input_names, name in graphs:
+                start = time.perf_counter()
+                want = graph.eval()(*inputs)
+                _export(graph, inputs, tmp / name, input_names, ["image", "image_float"], batch, args.opset,
+                        args.exporter)
+                feeds = dict(zip(input_names, (t.cpu().numpy() for t in inputs)))
+                if kind == "denoise_decode":  # fed the ONNX conditioning's K/V, as it is served
+                    feeds.update(zip(names, onnx_kv))
+                errors[name.removesuffix(".onnx")] = _max_error(_session(tmp / name).run(None, feeds), want, name)
+                files[name.removesuffix(".onnx")] = name
+                print(f"exported {name} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        worst = max(errors.values())
+        if worst > TOLERANCE[precision]:
+            raise OpadError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {TOLERANCE[precision]:.0e}) in "
+                            f"{max(errors, key=errors.get)}; nothing written")
+        np.save(tmp / "token_embeddings.npy", token_embedding_table(bundle.text_encoder).detach().float().cpu().numpy())
+        bundle.tokenizer.save_pretrained(tmp / "tokenizer")
+        latent = noise.shape[1:]
+        write_sidecar(tmp, {
+            "student": bundle.student_source,
+            "student_hashes": folder_hashes(bundle.student_source) if Path(bundle.student_source).is_dir() else {},
+            "concept_id": concept_id(args.concept),
+            "concept": str(Path(args.concept).resolve()) if args.concept else None,
+            "concept_tokens": tokens,
+            "precision": precision,
+            "steps": steps_list,
+            "batch": list(batch),
+            "resolution": resolution,
+            "shapes": {"token_embeds": list(embeds.shape[1:]), "noise": list(latent),
+                       "kv": {n: list(t.shape[1:]) for n, t in zip(names, kv)}, "image": [resolution, resolution, 3]},
+            "kv_names": names,
+            "files": files,
+            "opset": args.opset,
+            "exporter": args.exporter,
+            "max_abs_error": errors,
+            "tolerance": TOLERANCE[precision],
+            "libraries": library_versions(),
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = export_onnx(args)
+    except OpadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # onnx / onnxruntime / onnxscript missing
+        print(f"error: {first_line(e)}; install the export extra: pip install -e '.[export]'", file=sys.stderr)
+        return 2
+    print(f"wrote the ONNX graphs and export.json to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Everything the TensorRT build decides before it touches the TensorRT API, testable without it:
+which graphs, their optimization profiles, and the refit map of the conditioning engine.
+
+The refit map names, for every cross-attention K/V parameter of the PyTorch student, the ONNX
+initializer that holds it and how (as is, or transposed: the exporters fold ``F.linear``'s weight
+into a transposed MatMul constant with a generated name). TensorRT's ONNX parser names an engine's
+weights after the ONNX initializers, so switching concept is ``set_named_weights(onnx_name,
+weight)`` for every entry -- every concept-owned weight, not only the changed ones, so A -> B -> A
+gives A exactly. :func:`refit_onnx` applies the same map to the ONNX model itself, which is how
+the tests check it without TensorRT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from opad.errors import OpadError
+
+REFIT_MAP = "refit_map.json"
+
+
+def parse_batch_range(text: str | None, exported: Sequence[int]) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the engines' profile: the ONNX export's own range by default; a
+    narrower ``A:B`` (opt B, the serving batch) when asked. Static exports allow only their batch."""
+    lo, hi = int(exported[0]), int(exported[1])
+    if text is None:
+        return lo, hi, hi
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {text!r}")
+    if a < lo or b > hi:
+        raise OpadError(f"--batch-range {a}:{b} is outside the ONNX export's batch range {lo}:{hi}; "
+                        f"re-export with --batch-range {a}:{b}")
+    return a, b, b
+
+
+def profile_shapes(record: dict, batch: tuple[int, int, int]) -> dict[str, dict[str, list[list[int]]]]:
+    """Per graph file, per input: its [min, opt, max] shapes (batch first, the rest as exported)."""
+    shapes = record["shapes"]
+    inputs_a = {"token_embeds": shapes["token_embeds"]}
+    inputs_b = {"noise": shapes["noise"], **shapes["kv"]}
+    graphs = {"conditioning.onnx": inputs_a}
+    for steps in record["steps"]:
+        graphs[record["files"][f"denoise_decode_{steps}step"]] = inputs_b
+    return {name: {i: [[n, *rest] for n in batch] for i, rest in inputs.items()} for name, inputs in graphs.items()}
+
+
+def refit_map(onnx_path: str | Path, parameters: dict[str, np.ndarray]) -> list[dict]:
+    """For each named parameter: the one ONNX initializer equal to it, or to its transpose."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for t in model.graph.initializer:
+        array = numpy_helper.to_array(t)
+        by_shape.setdefault(array.shape, []).append((t.name, array))
+    entries = []
+    for name, weight in parameters.items():
+        found = [(n, "none") for n, a in by_shape.get(weight.shape, []) if np.array_equal(a, weight)]
+        found += [(n, "transpose") for n, a in by_shape.get(weight.T.shape, []) if np.array_equal(a, weight.T)]
+        if len(found) != 1:
+            raise OpadError(f"{onnx_path}: parameter {name} matches {len(found)} initializers (need exactly one); "
+                            "the graph was not exported from these weights")
+        onnx_name, transform = found[0]
+        entries.append({"parameter": name, "onnx": onnx_name, "transform": transform, "shape": list(weight.shape)})
+    return entries
+
+
+def refit_weights(entries: list[dict], parameters: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
+    """The engine weights of one concept: every mapped parameter, in the engine's layout and dtype."""
+    missing = [e["parameter"] for e in entries if e["parameter"] not in parameters]
+    if missing:
+        raise OpadError(f"the concept lacks {len(missing)} refittable weight(s), e.g. {missing[0]}")
+    out = {}
+    for e in entries:
+        w = parameters[e["parameter"]]
+        if list(w.shape) != e["shape"]:
+            raise OpadError(f"{e['parameter']} has shape {tuple(w.shape)} but the engine's is {tuple(e['shape'])}")
+        out[e["onnx"]] = np.ascontiguousarray((w.T if e["transform"] == "transpose" else w).astype(dtype))
+    return out
+
+
+def refit_onnx(model, weights: dict[str, np.ndarray]):
+    """An ONNX model with the named initializers replaced (the refit, done on the ONNX graph)."""
+    from onnx import numpy_helper
+
+    names = set(weights)
+    for t in model.graph.initializer:
+        if t.name in names:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+            names.discard(t.name)
+    if names:
+        raise OpadError(f"the model has no initializer(s) {sorted(names)[:3]}")
+    return model

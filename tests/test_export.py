@@ -1,0 +1,214 @@
+"""ONNX export of the split graphs and the inference runner, against ``opad.generate`` (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from opad.errors import OpadError
+from opad.export import export_onnx
+from opad.export.runtime import Runner
+from opad.generate import to_pil
+from opad.models.concept import add_modifier_tokens, kv_parameters, load_concept, save_concept
+from opad.models.loading import load_models
+from opad.sampling import sample_student
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of <new1> dog"
+
+
+def _make_concept(tiny_dir, out_dir, seed):
+    """A concept of the tiny student with perturbed K/V weights and its own token row."""
+    bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)
+    ids = add_modifier_tokens(bundle.tokenizer, bundle.text_encoder, ["<new1>"], ["dog"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in kv_parameters(bundle.student_unet):
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.8)
+        bundle.text_encoder.get_input_embeddings().weight[ids[0]] += torch.randn(16, generator=g)
+    save_concept(out_dir, bundle.student_unet, bundle.tokenizer, bundle.text_encoder, ["<new1>"])
+    return Path(out_dir)
+
+
+def _export(tmp, student, concept=None, **options) -> Path:
+    argv = ["--student", str(student), "--out", str(tmp), "--exporter", options.pop("exporter", "torchscript")]
+    argv += ["--concept", str(concept)] if concept else []
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    assert export_onnx.main(argv) == 0
+    return Path(tmp)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_dir, tmp_path_factory):
+    """Two concepts and their exports: A with every graph at 1/2/4 steps, B with (a)+(b) at 1 step."""
+    root = tmp_path_factory.mktemp("export")
+    a = _make_concept(tiny_dir, root / "concept_a", seed=3)
+    b = _make_concept(tiny_dir, root / "concept_b", seed=4)
+    student = tiny_dir / "student"
+    return {"student": student, "a": a, "b": b,
+            "onnx_a": _export(root / "onnx_a", student, a, steps="1,2,4"),
+            "onnx_b": _export(root / "onnx_b", student, b, steps=1, no_single=True)}
+
+
+def _generate(student, concept, seed, steps):
+    """What ``python -m opad.generate`` writes for one seed: the float image and its uint8 pixels."""
+    bundle = load_models(student=str(student), load_teacher=False)
+    if concept:
+        load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
+    image = sample_student(bundle, [PROMPT], steps=steps, generator=torch.Generator().manual_seed(seed))
+    return image, np.asarray(to_pil(image)[0])
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _embeds(folder):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer")
+    ids = tok([PROMPT], padding="max_length", max_length=77, return_tensors="np").input_ids
+    return np.load(Path(folder) / "token_embeddings.npy")[ids]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_split_and_single_graphs_equal_generate(world, steps):
+    sidecar = json.loads((world["onnx_a"] / "export.json").read_text())
+    names = sidecar["kv_names"]
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)).numpy()
+    want, _ = _generate(world["student"], world["a"], seed=7, steps=steps)
+    kv = _session(world["onnx_a"] / "conditioning.onnx").run(None, {"token_embeds": _embeds(world["onnx_a"])})
+    split = _session(world["onnx_a"] / f"denoise_decode_{steps}step.onnx").run(
+        None, {"noise": noise, **dict(zip(names, kv))})
+    single = _session(world["onnx_a"] / f"single_{steps}step.onnx").run(
+        None, {"token_embeds": _embeds(world["onnx_a"]), "noise": noise})
+    for image_u8, image in (split, single):
+        assert np.isfinite(image).all()
+        assert np.abs(image - want.numpy()).max() <= 1e-3
+        assert image_u8.dtype == np.uint8 and image_u8.shape == (1, 64, 64, 3)
+    assert len(names) == 32 and sidecar["max_abs_error"][f"denoise_decode_{steps}step"] <= 1e-3
+
+
+def test_one_denoise_graph_serves_two_concepts(world):
+    """B's conditioning through A's denoise+decode file gives B's image: (b) holds nothing of a concept."""
+    import onnx
+    from onnx import numpy_helper
+
+    a, b = (onnx.load(str(world[k] / "denoise_decode_1step.onnx")) for k in ("onnx_a", "onnx_b"))
+    weights = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (a, b)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    names = json.loads((world["onnx_b"] / "export.json").read_text())["kv_names"]
+    kv_b = _session(world["onnx_b"] / "conditioning.onnx").run(None, {"token_embeds": _embeds(world["onnx_b"])})
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(9)).numpy()
+    _, image = _session(world["onnx_a"] / "denoise_decode_1step.onnx").run(None, {"noise": noise,
+                                                                                   **dict(zip(names, kv_b))})
+    want_b, _ = _generate(world["student"], world["b"], seed=9, steps=1)
+    want_a, _ = _generate(world["student"], world["a"], seed=9, steps=1)
+    assert np.abs(image - want_b.numpy()).max() <= 1e-3
+    assert np.abs(image - want_a.numpy()).max() > 1e-2  # the concepts really differ
+
+
+def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world):
+    runner = Runner("eager", student=str(world["student"]), concepts={"a": str(world["a"]), "b": str(world["b"])})
+    for steps in (1, 2, 4):
+        for name in ("a", "b"):
+            _, pixels = _generate(world["student"], world[name], seed=11, steps=steps)
+            assert np.array_equal(runner.generate(PROMPT, name, seed=11, steps=steps)[0], pixels)
+    first = runner.generate(PROMPT, "a", seed=12)
+    runner.generate(PROMPT, "b", seed=12)
+    assert np.array_equal(runner.generate(PROMPT, "a", seed=12), first)  # A -> B -> A gives A's image
+    base = Runner("eager", student=str(world["student"])).generate("a photo of a dog", None, seed=12)
+    assert np.array_equal(runner.generate("a photo of a dog", None, seed=12), base)
+    batch = runner.generate(PROMPT, "a", seed=11, batch=3)  # image i is seed + i (batched: within rounding)
+    _, pixels = _generate(world["student"], world["a"], seed=13, steps=1)
+    assert batch.shape == (3, 64, 64, 3) and np.abs(batch[2].astype(int) - pixels).max() <= 1
+
+
+def test_onnxruntime_runner_agrees_with_generate(world):
+    runner = Runner("onnxruntime", onnx={"a": str(world["onnx_a"]), "b": str(world["onnx_b"])},
+                    concepts={"a": str(world["a"]), "b": str(world["b"])})
+    for name, steps in (("a", 1), ("a", 4), ("b", 1)):
+        _, pixels = _generate(world["student"], world[name], seed=21, steps=steps)
+        got = runner.generate(PROMPT, name, seed=21, steps=steps, batch=2)
+        _, second = _generate(world["student"], world[name], seed=22, steps=steps)
+        assert np.abs(got[0].astype(int) - pixels).max() <= 1 and np.abs(got[1].astype(int) - second).max() <= 1
+    _, pixels = _generate(world["student"], world["b"], seed=21, steps=2)  # A's 2-step graph serves B too
+    assert np.abs(runner.generate(PROMPT, "b", seed=21, steps=2)[0].astype(int) - pixels).max() <= 1
+    with pytest.raises(OpadError, match="has no 2-step graph"):
+        Runner("onnxruntime", onnx={"b": str(world["onnx_b"])}).generate(PROMPT, "b", steps=2)
+    with pytest.raises(OpadError, match="unknown concept 'c'"):
+        runner.generate(PROMPT, "c")
+
+
+def test_sidecar_refuses_an_export_of_another_concept_or_precision(world):
+    with pytest.raises(OpadError, match="was exported for concept 'concept_a-"):
+        Runner("onnxruntime", onnx={"b": str(world["onnx_a"])}, concepts={"b": str(world["b"])})
+    with pytest.raises(OpadError, match="is a fp32 export, not fp16"):
+        Runner("onnxruntime", onnx={"a": str(world["onnx_a"])}, dtype="float16")
+    sidecar = json.loads((world["onnx_a"] / "export.json").read_text())
+    assert sidecar["concept_id"].startswith("concept_a-") and sidecar["precision"] == "fp32"
+    assert sidecar["opset"] >= 17 and sidecar["exporter"] == "torchscript"
+    assert sidecar["libraries"]["onnxruntime"] != "not installed"
+    assert "unet/diffusion_pytorch_model.safetensors" in sidecar["student_hashes"]
+
+
+def test_dynamo_exporter_with_a_batch_range(tiny_dir, tmp_path):
+    out = _export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
+                  batch_range="1:3")
+    sidecar = json.loads((out / "export.json").read_text())
+    assert sidecar["exporter"] == "dynamo" and sidecar["batch"] == [1, 3]
+    runner = Runner("onnxruntime", onnx={None: str(out)})
+    got = runner.generate("a photo of a dog", None, seed=3, batch=3)  # one call at the batch range's top
+    want = Runner("eager", student=str(tiny_dir / "student")).generate("a photo of a dog", None, seed=3, batch=3)
+    assert got.shape == (3, 64, 64, 3) and np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_a_concept_for_another_student_is_refused_naming_the_layer(tiny_dir, tmp_path, world):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in world["a"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = safetensors.torch.load_file(bad / "pytorch_custom_diffusion_weights.safetensors")
+    key = sorted(k for k in weights if k.endswith("to_k_custom_diffusion.weight"))[0]
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 3)
+    safetensors.torch.save_file(weights, bad / "pytorch_custom_diffusion_weights.safetensors")
+    run = subprocess.run([sys.executable, str(REPO / "export" / "export_onnx.py"), "--student",
+                          str(tiny_dir / "student"), "--concept", str(bad), "--out", str(tmp_path / "o"),
+                          "--exporter", "torchscript"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0] and "shape" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "3"], "--steps must be a comma-separated list of (1, 2, 4)"),
+    (["--opset", "16"], "--opset must be at least 17"),
+    (["--batch-range", "3:1"], "--batch-range must be A:B with 1 <= A <= B"),
+    (["--concept", "/nonexistent/concept"], "concept folder not found"),
+    (["--fp16"], "--fp16 exports trace and check on a GPU"),
+])
+def test_bad_export_options_are_one_line(tmp_path, capsys, argv, message):
+    assert export_onnx.main(["--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_entry_points(tmp_path):
+    for argv in ([sys.executable, str(REPO / "export" / "export_onnx.py"), "--help"],
+                 [sys.executable, "-m", "opad.export.export_onnx", "--help"],
+                 [sys.executable, "-m", "opad.cli", "export", "--help"]):
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "denoise_decode_{N}step.onnx" in run.stdout, run.stderr
