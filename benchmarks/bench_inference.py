@@ -15,6 +15,7 @@ temporary folder with a 1..max(batches) batch range).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 
@@ -101,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     eager = Runner("eager", student=args.student, device=str(device))
     rows = eager_rows(eager, args.steps, batches, device, args.repeats)
     resolution = eager._impl.bundle.default_resolution
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         print("onnxruntime is not installed: its rows are skipped", file=sys.stderr)
     else:
         with tempfile.TemporaryDirectory() as tmp:

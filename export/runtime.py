@@ -14,6 +14,10 @@ concepts.
 - ``onnxruntime``: the files of ``python export/export_onnx.py``, one export folder per concept
   (their denoise+decode graphs are interchangeable; the first folder's is used for all). Within
   ``TOLERANCE`` of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding.
+- ``tensorrt``: the engines of ``python export/build_trt.py`` -- the conditioning engine refitted
+  per concept with every K/V weight (the refit map), the denoise+decode engine replayed as a CUDA
+  graph per (steps, batch). **Unverified**: TensorRT cannot be installed where opad is developed;
+  without it (or a GPU) this backend raises one clear error.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from opad.models.loading import load_models
 from opad.runtime import pick_device, pick_dtype
 from opad.sampling import STUDENT_STEPS
 
-BACKENDS = ("eager", "compiled", "onnxruntime")
+BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 TOLERANCE = 1e-3  # onnxruntime vs eager, max abs on the float image in [0, 1] (fp32)
 
 
@@ -61,7 +65,7 @@ class Runner:
 
     def __init__(self, backend: str = "eager", *, student: str | None = None,
                  concepts: Mapping[str, str] | None = None, onnx: Mapping[str | None, str] | None = None,
-                 device: str = "auto", dtype: str = "auto") -> None:
+                 engines: str | None = None, device: str = "auto", dtype: str = "auto") -> None:
         if backend not in BACKENDS:
             raise OpadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -69,6 +73,10 @@ class Runner:
         if backend in ("eager", "compiled"):
             impl = _Eager if backend == "eager" else _Compiled
             self._impl = impl(student, dict(concepts or {}), device, dtype)
+        elif backend == "tensorrt":
+            if not engines:
+                raise OpadError("the tensorrt backend needs the engines folder of export/build_trt.py (engines=DIR)")
+            self._impl = _TensorRT(engines, dict(concepts or {}))
         else:
             if not onnx:
                 raise OpadError("the onnxruntime backend needs export folders (onnx={name: folder})")
@@ -213,3 +221,93 @@ class _OnnxRuntime:
                           for name, t in zip(self.first["kv_names"], kv)})
             images.append(self.sessions[steps].run(["image"], feeds)[0][:n])
         return np.concatenate(images)
+
+
+class _TensorRT:
+    """TensorRT engines (TensorRT 10 API). Unverified: written against the API, never run."""
+    # imports of opad.export.trt_engine stay inside: tensorrt itself is optional
+
+    def __init__(self, engines: str, concepts: dict[str, str]) -> None:
+        import json
+
+        from opad.export.build_trt import ENGINES
+        from opad.export.trt_engine import tensorrt
+        from opad.export.trt_plan import REFIT_MAP, refit_weights
+
+        trt = tensorrt()  # one sentence when TensorRT or the GPU is missing
+        folder = Path(engines)
+        if not (folder / ENGINES).is_file():
+            raise OpadError(f"{engines} is not an engines folder of export/build_trt.py: it has no {ENGINES}")
+        self.record = json.loads((folder / ENGINES).read_text())
+        if not self.record.get("built"):
+            raise OpadError(f"{engines} holds a --plan-only build: no engines to run")
+        entries = json.loads((folder / REFIT_MAP).read_text())
+        # tokenizers, token tables and each concept's refit weights come from the student itself
+        self.cpu = _Eager(self.record["student"], concepts, "cpu", "float32")
+        dtype = np.float16 if self.record["engine_precision"] == "fp16" else np.float32
+        self.refits = {}
+        for name, (_, _, kv) in self.cpu.concepts.items():
+            params = {f"{layer}.{proj}.weight": w.float().numpy() for (layer, proj), w in
+                      zip(self._parameter_names(), kv)}
+            self.refits[name] = refit_weights(entries, params, dtype)
+        self.concepts = self.cpu.concepts
+        self.trt = trt
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.conditioning_engine = runtime.deserialize_cuda_engine((folder / "conditioning.plan").read_bytes())
+        self.denoise_engines = {steps: runtime.deserialize_cuda_engine(
+            (folder / f"denoise_decode_{steps}step.plan").read_bytes()) for steps in self.record["steps"]}
+        self.current: object = ()  # the concept the conditioning engine holds now
+        self.graphs: dict[tuple[int, int], tuple] = {}
+
+    def _parameter_names(self) -> list[tuple[str, str]]:
+        layers = cross_attention_layers(self.cpu.bundle.student_unet)
+        return [(layer, proj) for layer in layers for proj in ("to_k", "to_v")]
+
+    def _refit(self, concept: str | None) -> None:
+        if self.current == concept:
+            return
+        refitter = self.trt.Refitter(self.conditioning_engine, self.trt.Logger(self.trt.Logger.WARNING))
+        for name, weight in self.refits[concept].items():  # every concept-owned weight, changed or not
+            if not refitter.set_named_weights(name, self.trt.Weights(weight)):
+                raise OpadError(f"TensorRT refuses to refit {name}")
+        if not refitter.refit_cuda_engine():
+            raise OpadError(f"TensorRT could not refit the conditioning engine for concept {concept!r}")
+        self.current = concept
+
+    def conditioning(self, concept: str | None, prompt: str) -> list[Tensor]:
+        from opad.export.trt_engine import execute
+
+        tokenizer, table, _ = self.cpu.concepts[concept]
+        self._refit(concept)
+        embeds = table[torch.from_numpy(_token_ids(tokenizer, prompt))]
+        outs = execute(self.trt, self.conditioning_engine, {"token_embeds": embeds})
+        return [outs[name] for name in self.record["kv_names"]]
+
+    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
+        if steps not in self.denoise_engines:
+            raise OpadError(f"no {steps}-step engine (built: {self.record['steps']})")
+        n = len(seeds)
+        key = (steps, n)
+        if key not in self.graphs:  # static buffers and one CUDA graph per (steps, batch)
+            from opad.export.trt_engine import bind
+
+            engine = self.denoise_engines[steps]
+            feeds = {"noise": torch.zeros((n, *self.record["shapes"]["noise"]))}
+            feeds.update({name: t.expand(n, *t.shape[1:]) for name, t in zip(self.record["kv_names"], kv)})
+            context, buffers = bind(self.trt, engine, feeds)
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                context.execute_async_v3(stream.cuda_stream)  # warm-up outside the capture
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    context.execute_async_v3(stream.cuda_stream)
+            self.graphs[key] = (graph, buffers, context)
+        graph, buffers, _ = self.graphs[key]
+        dtype = buffers["noise"].dtype  # the engine's input dtype (fp16 for an fp16 export)
+        buffers["noise"].copy_(seeded_noise(tuple(self.record["shapes"]["noise"]), seeds, dtype))  # host -> device
+        for name, t in zip(self.record["kv_names"], kv):
+            buffers[name].copy_(t.expand(n, *t.shape[1:]))
+        graph.replay()
+        return buffers["image"].cpu().numpy()
+

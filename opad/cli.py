@@ -1,5 +1,5 @@
 """The ``opad`` console script: ``opad <command> ...`` runs ``python -m opad.<command> ...``
-(``opad export`` runs ``python -m opad.export.export_onnx``)."""
+(``opad export onnx|trt ...`` runs ``python export/export_onnx.py`` / ``python export/build_trt.py``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ COMMANDS = {
     "train": "personalize the one-step student on a few photos (OPAD)",
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
-    "export": "the student and a concept as split ONNX graphs, checked with ONNX Runtime",
+    "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
 }
-MODULES = {"export": "opad.export.export_onnx"}  # commands whose module is not opad.<command>
+EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(MODULES.get(argv[0], f"opad.{argv[0]}"))
+    if argv[0] == "export":
+        if len(argv) < 2 or argv[1] not in EXPORT_MODULES:
+            print("usage: opad export onnx|trt [options]   ('opad export onnx --help' explains)", file=sys.stderr)
+            return 2
+        return importlib.import_module(EXPORT_MODULES[argv[1]]).main(argv[2:])
+    module = importlib.import_module(f"opad.{argv[0]}")
     return module.main(argv[1:])
 
 

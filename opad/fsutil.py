@@ -48,3 +48,14 @@ def check_can_create(path: str | os.PathLike, what: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".opad-probe-", dir=parent))
     except OSError as e:
         raise OpadError(f"cannot write {what} {str(path)!r}: {e.strerror or e}") from e
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse, in one line, an output folder that is a file, is not empty (unless ``overwrite``)
+    or cannot be made."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OpadError(f"{flag} {str(path)!r} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OpadError(f"{flag} {str(path)!r} is not empty; pass --overwrite to replace it")
+    check_can_create(out, flag)

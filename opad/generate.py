@@ -16,7 +16,7 @@ from PIL import Image
 import opad
 from opad.config import MAX_SEED
 from opad.errors import OpadError, warn
-from opad.fsutil import check_can_create, staged_dir
+from opad.fsutil import check_output_folder, staged_dir
 from opad.models.concept import load_concept
 from opad.models.loading import load_models
 from opad.runtime import pick_device, pick_dtype
@@ -54,12 +54,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise OpadError(f"--seed must be in 0..{MAX_SEED} (image i uses seed + i), got {args.seed}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise OpadError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OpadError(f"--out {args.out!r} is a file")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise OpadError(f"--out {args.out!r} is not empty; pass --overwrite to replace it")
-    check_can_create(out, "--out")
+    check_output_folder(args.out, args.overwrite)
     if args.concept is not None and not Path(args.concept).is_dir():
         raise OpadError(f"concept folder not found: {args.concept!r}")
 

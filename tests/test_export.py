@@ -209,6 +209,90 @@ def test_bad_export_options_are_one_line(tmp_path, capsys, argv, message):
 def test_cli_entry_points(tmp_path):
     for argv in ([sys.executable, str(REPO / "export" / "export_onnx.py"), "--help"],
                  [sys.executable, "-m", "opad.export.export_onnx", "--help"],
-                 [sys.executable, "-m", "opad.cli", "export", "--help"]):
+                 [sys.executable, "-m", "opad.cli", "export", "onnx", "--help"]):
         run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "denoise_decode_{N}step.onnx" in run.stdout, run.stderr
+    for argv in ([sys.executable, str(REPO / "export" / "build_trt.py"), "--help"],
+                 [sys.executable, "-m", "opad.cli", "export", "trt", "--help"]):
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "refit_map.json" in run.stdout and "Unverified" in run.stdout, run.stderr
+    run = subprocess.run([sys.executable, "-m", "opad.cli", "export"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "usage: opad export onnx|trt" in run.stderr
+
+
+def test_compiled_runner_agrees_with_eager(tiny_dir):
+    """The compiled backend through CPU inductor (C++ codegen: about 2 min to compile on 2 cores)."""
+    student = str(tiny_dir / "student")
+    compiled = Runner("compiled", student=student).generate("a photo of a dog", None, seed=4)
+    eager = Runner("eager", student=student).generate("a photo of a dog", None, seed=4)
+    assert compiled.shape == (1, 64, 64, 3) and np.abs(compiled.astype(int) - eager).max() <= 1
+
+
+# ------------------------------------------------------------------ TensorRT, up to its API
+def test_refit_map_switches_concepts_exactly(world):
+    """The refit map, applied to the ONNX conditioning graph as TensorRT's refitter would apply it to
+    the engine: A's graph refitted with B's weights gives B's K/V; refitted back, exactly A's."""
+    import onnx
+    import onnxruntime as ort
+
+    from opad.export.build_trt import kv_parameters_of
+    from opad.export.trt_plan import refit_map, refit_onnx, refit_weights
+
+    record = json.loads((world["onnx_a"] / "export.json").read_text())
+    params_a = kv_parameters_of(record)
+    params_b = kv_parameters_of({**record, "concept": str(world["b"])})
+    entries = refit_map(world["onnx_a"] / "conditioning.onnx", params_a)
+    assert len(entries) == 32 and len({e["onnx"] for e in entries}) == 32
+    assert {e["transform"] for e in entries} <= {"none", "transpose"}
+    assert all(e["parameter"].endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for e in entries)
+
+    def run(model, folder):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"token_embeds": _embeds(folder)})
+
+    model = onnx.load(str(world["onnx_a"] / "conditioning.onnx"))
+    original_a = run(model, world["onnx_a"])
+    as_b = run(refit_onnx(model, refit_weights(entries, params_b)), world["onnx_b"])
+    want_b = _session(world["onnx_b"] / "conditioning.onnx").run(None, {"token_embeds": _embeds(world["onnx_b"])})
+    assert max(np.abs(x - y).max() for x, y in zip(as_b, want_b)) <= 1e-5
+    back = run(refit_onnx(model, refit_weights(entries, params_a)), world["onnx_a"])
+    assert all(np.array_equal(x, y) for x, y in zip(back, original_a))
+
+
+def test_trt_profiles_follow_the_export(world):
+    from opad.export.trt_plan import parse_batch_range, profile_shapes
+
+    record = json.loads((world["onnx_a"] / "export.json").read_text())
+    assert parse_batch_range(None, record["batch"]) == (1, 1, 1)
+    assert parse_batch_range("2:3", [1, 4]) == (2, 3, 3)
+    with pytest.raises(OpadError, match="outside the ONNX export's batch range 1:1"):
+        parse_batch_range("1:4", record["batch"])
+    shapes = profile_shapes(record, (1, 1, 1))
+    assert set(shapes) == {"conditioning.onnx", *(f"denoise_decode_{n}step.onnx" for n in (1, 2, 4))}
+    assert shapes["conditioning.onnx"] == {"token_embeds": [[1, 77, 16]] * 3}
+    assert shapes["denoise_decode_2step.onnx"]["noise"] == [[1, 4, 8, 8]] * 3
+    assert shapes["denoise_decode_2step.onnx"]["k0"] == [[1, 2, 77, 8]] * 3 and len(shapes["denoise_decode_1step.onnx"]) == 33
+
+
+def test_build_trt_without_tensorrt_is_one_sentence(world, tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "export" / "build_trt.py"), "--onnx", str(world["onnx_a"]),
+                          "--out", str(tmp_path / "engines")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and ("TensorRT is not installed" in run.stderr
+                                            or "TensorRT needs a CUDA GPU" in run.stderr)
+    assert not (tmp_path / "engines").exists()
+
+
+def test_build_trt_plan_only_writes_the_refit_map_and_sidecar(world, tmp_path):
+    from opad.export import build_trt
+
+    assert build_trt.main(["--onnx", str(world["onnx_a"]), "--out", str(tmp_path / "plan"), "--plan-only"]) == 0
+    entries = json.loads((tmp_path / "plan" / "refit_map.json").read_text())
+    sidecar = json.loads((tmp_path / "plan" / "engines.json").read_text())
+    assert len(entries) == 32 and sidecar["built"] is False and sidecar["concept_id"].startswith("concept_a-")
+    assert set(sidecar["profiles"]) == {"conditioning.onnx", *(f"denoise_decode_{n}step.onnx" for n in (1, 2, 4))}
+    with pytest.raises(OpadError, match="TensorRT is not installed|TensorRT needs a CUDA GPU|plan-only build"):
+        Runner("tensorrt", engines=str(tmp_path / "plan"))
+    assert build_trt.main(["--onnx", str(world["onnx_a"]), "--out", str(tmp_path / "x"), "--plan-only",
+                           "--batch-range", "1:8"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from opad.backbones import backbone_features, build_backbone
-from opad.errors import OpadError
-from opad.feature_pass import BackboneInput, _FusedFeaturePass, _op_args, feature_pass, feature_pass_reference
+from opad.feature_pass import BackboneInput, _FusedFeaturePass, feature_pass, feature_pass_reference
 from opad.kernels import dispatch
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -242,7 +241,6 @@ spec = importlib.util.spec_from_file_location("opad._C", sys.argv[1])
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)
 sys.modules["opad._C"] = ext  # this process never imports the installed build
-from opad.errors import OpadError
 from opad.feature_pass import BackboneInput, _op_args, feature_pass_reference
 from opad.kernels import dispatch
 assert not ext.cuda_built()

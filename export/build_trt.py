@@ -1,0 +1,186 @@
+"""``python export/build_trt.py --onnx DIR --out DIR``: TensorRT engines from an ONNX export.
+
+Builds, from the folder ``export/export_onnx.py`` wrote:
+
+- ``conditioning.plan``: refittable for exactly the cross-attention K/V weights (switching concept
+  refits the engine instead of rebuilding it), with ``refit_map.json`` naming, for every PyTorch
+  K/V parameter, the engine weight it becomes (and whether transposed);
+- ``denoise_decode_{N}step.plan``: the concept-agnostic graph, one engine for every concept;
+- ``engines.json``: the sidecar (the ONNX export's, plus profiles, precision, TensorRT version,
+  each engine's measured error against ONNX Runtime on the same inputs).
+
+The profile is the export's own batch (static by default) or ``--batch-range A:B`` inside it.
+``--plan-only`` writes the refit map and sidecar without TensorRT, to inspect what would be built.
+
+**Unverified**: TensorRT cannot be installed where opad is developed (its PyPI packages download
+from NVIDIA's index), so the engine build, the refit and the parity check have never run. Without
+``tensorrt`` or a GPU the script says so in one line and writes nothing.
+Also ``python -m opad.export.build_trt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from opad.errors import OpadError
+from opad.export.export_onnx import run_cli
+from opad.export.sidecar import read_sidecar
+from opad.export.trt_engine import execute, tensorrt
+from opad.export.trt_plan import REFIT_MAP, parse_batch_range, profile_shapes, refit_map
+from opad.fsutil import check_output_folder, staged_dir
+
+ENGINES = "engines.json"
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}  # max |TensorRT - ONNX Runtime| on K/V and the float image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python export/build_trt.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", required=True, help="a folder written by export/export_onnx.py")
+    p.add_argument("--out", required=True, help="output folder for the engines (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--fp16", action="store_true", help="let TensorRT pick fp16 kernels (an fp32 export)")
+    p.add_argument("--batch-range", default=None, metavar="A:B", help="the engines' batch profile, within the "
+                   "export's (default: the export's own)")
+    p.add_argument("--timing-cache", default=None, help="a TensorRT timing cache file, read if present and "
+                   "written after the build (speeds up rebuilds)")
+    p.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT's workspace memory limit")
+    p.add_argument("--plan-only", action="store_true", help="write refit_map.json and engines.json only "
+                   "(no TensorRT needed)")
+    return p
+
+
+def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
+    """The K/V weights the export's conditioning graph was made from, by PyTorch parameter name."""
+    from opad.models.attention import cross_attention_layers
+    from opad.models.concept import load_concept
+    from opad.models.loading import load_models
+
+    bundle = load_models(student=record["student"], load_teacher=False)
+    if record.get("concept"):
+        if not Path(record["concept"]).is_dir():
+            raise OpadError(f"the export's concept folder {record['concept']!r} is gone; the refit map is made "
+                            "against its weights")
+        load_concept(record["concept"], bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
+    params = {}
+    for layer, module in cross_attention_layers(bundle.student_unet).items():
+        for proj in ("to_k", "to_v"):
+            params[f"{layer}.{proj}.weight"] = getattr(module, proj).weight.detach().float().cpu().numpy()
+    return params
+
+
+def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, fp16: bool, refittable: list[str],
+                 timing_cache: bytes, workspace_gb: float) -> tuple[bytes, bytes]:
+    """(serialized engine, timing cache) for one ONNX file (TensorRT 10 API; unverified here)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is TensorRT 10's only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise OpadError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:  # exactly these weights may change; everything else is folded and optimized
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        for name in refittable:
+            if not network.mark_weights_refittable(name):
+                raise OpadError(f"TensorRT cannot mark {name} of {onnx_path.name} refittable")
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise OpadError(f"TensorRT failed to build {onnx_path.name} (its log above says why)")
+    return bytes(engine), bytes(cache.serialize())
+
+
+def _check_args(args: argparse.Namespace) -> dict:
+    record = read_sidecar(args.onnx)
+    for name in record["files"].values():
+        if not (Path(args.onnx) / name).is_file():
+            raise OpadError(f"{args.onnx} lacks {name}, which its {Path(args.onnx) / 'export.json'} lists")
+    if args.fp16 and record["precision"] != "fp32":
+        raise OpadError(f"--fp16 builds from an fp32 export; {args.onnx} is {record['precision']}")
+    if args.workspace_gb <= 0:
+        raise OpadError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+    check_output_folder(args.out, args.overwrite)
+    return record
+
+
+def build(args: argparse.Namespace) -> Path:
+    record = _check_args(args)
+    batch = parse_batch_range(args.batch_range, record["batch"])
+    shapes = profile_shapes(record, batch)
+    trt = None if args.plan_only else tensorrt()  # before any work: one sentence if it is missing
+    onnx_dir, out = Path(args.onnx), Path(args.out)
+    entries = refit_map(onnx_dir / "conditioning.onnx", kv_parameters_of(record))
+    precision = "fp16" if args.fp16 or record["precision"] == "fp16" else "fp32"
+    errors: dict[str, float] = {}
+    with staged_dir(out, replace=True) as tmp:
+        (tmp / REFIT_MAP).write_text(json.dumps(entries, indent=1) + "\n")
+        if trt is not None:
+            cache_path = Path(args.timing_cache) if args.timing_cache else None
+            cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+            for name, inputs in shapes.items():
+                refittable = [e["onnx"] for e in entries] if name == "conditioning.onnx" else []
+                engine, cache = build_engine(trt, onnx_dir / name, inputs, fp16=args.fp16, refittable=refittable,
+                                             timing_cache=cache, workspace_gb=args.workspace_gb)
+                (tmp / name.replace(".onnx", ".plan")).write_bytes(engine)
+                errors[name] = _parity(trt, engine, onnx_dir / name, inputs, TOLERANCE[precision])
+                print(f"built {name.replace('.onnx', '.plan')} (max error {errors[name]:.2e})", file=sys.stderr)
+            if cache_path:
+                cache_path.write_bytes(cache)
+        sidecar = {**record, "onnx_dir": str(onnx_dir.resolve()), "engine_precision": precision,
+                   "profiles": shapes, "refit_map": REFIT_MAP, "built": trt is not None,
+                   "tensorrt": getattr(trt, "__version__", None), "max_abs_error_vs_onnxruntime": errors}
+        (tmp / ENGINES).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return out
+
+
+def _parity(trt, engine: bytes, onnx_path: Path, shapes: dict[str, list[list[int]]], tolerance: float) -> float:
+    """Max |TensorRT - ONNX Runtime| on random inputs of the profile's opt shapes; no NaN."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(0)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    types = {i.name: np.float16 if "float16" in i.type else np.float32 for i in session.get_inputs()}
+    feeds = {name: rng.standard_normal(opt).astype(types[name]) for name, (_, opt, _) in shapes.items()}
+    want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    got = {k: v.cpu().numpy() for k, v in execute(trt, runtime.deserialize_cuda_engine(engine),
+                                                   {k: torch.from_numpy(v) for k, v in feeds.items()}).items()}
+    worst = 0.0
+    for name, value in got.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise OpadError(f"the {onnx_path.stem} engine gives NaN or inf in {name}")
+        if value.dtype != np.uint8:
+            worst = max(worst, float(np.abs(value.astype(np.float64) - want[name]).max()))
+    if worst > tolerance:
+        raise OpadError(f"the {onnx_path.stem} engine differs from ONNX Runtime by {worst:.2e} (> {tolerance:.0e})")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = run_cli(build, args)
+    if out is None:
+        return 2
+    what = "the refit map and engines.json (no engines: --plan-only)" if args.plan_only else "the engines"
+    print(f"wrote {what} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
