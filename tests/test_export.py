@@ -163,9 +163,11 @@ def test_sidecar_refuses_an_export_of_another_concept_or_precision(world):
     assert "unet/diffusion_pytorch_model.safetensors" in sidecar["student_hashes"]
 
 
-def test_dynamo_exporter_with_a_batch_range(tiny_dir, tmp_path):
+def test_dynamo_exporter_with_a_batch_range_and_external_data(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_onnx, "LARGE", 0)  # as if past 2 GB: the weights go to NAME.onnx.data
     out = _export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
                   batch_range="1:3")
+    assert (out / "denoise_decode_1step.onnx.data").is_file() and (out / "conditioning.onnx.data").is_file()
     sidecar = json.loads((out / "export.json").read_text())
     assert sidecar["exporter"] == "dynamo" and sidecar["batch"] == [1, 3]
     runner = Runner("onnxruntime", onnx={None: str(out)})
