@@ -23,6 +23,7 @@ concepts.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from opad.sampling import STUDENT_STEPS
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 TOLERANCE = 1e-3  # onnxruntime vs eager, max abs on the float image in [0, 1] (fp32)
+KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype) -> Tensor:
@@ -69,7 +71,7 @@ class Runner:
         if backend not in BACKENDS:
             raise OpadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
-        self._kv_cache: dict[tuple[str | None, str], list] = {}
+        self._kv_cache: OrderedDict[tuple[str | None, str], list] = OrderedDict()  # least recently used first
         if backend in ("eager", "compiled"):
             impl = _Eager if backend == "eager" else _Compiled
             self._impl = impl(student, dict(concepts or {}), device, dtype)
@@ -96,8 +98,12 @@ class Runner:
         if batch < 1:
             raise OpadError(f"batch must be at least 1, got {batch}")
         key = (concept, prompt)
-        if key not in self._kv_cache:  # once per (concept, prompt)
+        if key in self._kv_cache:
+            self._kv_cache.move_to_end(key)
+        else:  # once per (concept, prompt), the oldest dropped past KV_CACHE_SIZE
             self._kv_cache[key] = self._impl.conditioning(concept, prompt)
+            if len(self._kv_cache) > KV_CACHE_SIZE:
+                self._kv_cache.popitem(last=False)
         return self._impl.denoise_decode(self._kv_cache[key], list(range(seed, seed + batch)), steps)
 
 

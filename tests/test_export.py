@@ -130,6 +130,13 @@ def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world)
     assert np.array_equal(runner.generate(PROMPT, "a", seed=12), first)  # A -> B -> A gives A's image
     base = Runner("eager", student=str(world["student"])).generate("a photo of a dog", None, seed=12)
     assert np.array_equal(runner.generate("a photo of a dog", None, seed=12), base)
+    runner_module = sys.modules[Runner.__module__]
+    calls = []
+    conditioning = runner._impl.conditioning
+    runner._impl.conditioning = lambda c, p: calls.append((c, p)) or conditioning(c, p)
+    for prompt in ["a", "b", "a"] + [f"p{i}" for i in range(runner_module.KV_CACHE_SIZE)] + ["a"]:
+        runner.generate(prompt, None, seed=0)
+    assert calls.count((None, "a")) == 2  # cached once, dropped after KV_CACHE_SIZE newer prompts, made again
     batch = runner.generate(PROMPT, "a", seed=11, batch=3)  # image i is seed + i (batched: within rounding)
     _, pixels = _generate(world["student"], world["a"], seed=13, steps=1)
     assert batch.shape == (3, 64, 64, 3) and np.abs(batch[2].astype(int) - pixels).max() <= 1

@@ -241,6 +241,7 @@ spec = importlib.util.spec_from_file_location("opad._C", sys.argv[1])
 ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)
 sys.modules["opad._C"] = ext  # this process never imports the installed build
+from opad.errors import OpadError
 from opad.feature_pass import BackboneInput, _op_args, feature_pass_reference
 from opad.kernels import dispatch
 assert not ext.cuda_built()
