@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from opad.errors import OpadError
-from opad.export.export_onnx import run_cli
+from opad.export.export_onnx import TOLERANCE, run_cli  # the same bound: |TensorRT - ONNX Runtime|
 from opad.export.sidecar import read_sidecar
 from opad.export.trt_engine import execute, tensorrt
-from opad.export.trt_plan import REFIT_MAP, parse_batch_range, profile_shapes, refit_map
+from opad.export.trt_plan import REFIT_MAP, kv_parameter_names, parse_batch_range, profile_shapes, refit_map
 from opad.fsutil import check_output_folder, staged_dir
 
 ENGINES = "engines.json"
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}  # max |TensorRT - ONNX Runtime| on K/V and the float image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
     """The K/V weights the export's conditioning graph was made from, by PyTorch parameter name."""
-    from opad.models.attention import cross_attention_layers
-    from opad.models.concept import load_concept
+    from opad.models.concept import kv_parameters, load_concept
     from opad.models.loading import load_models
 
     bundle = load_models(student=record["student"], load_teacher=False)
@@ -67,11 +65,8 @@ def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
             raise OpadError(f"the export's concept folder {record['concept']!r} is gone; the refit map is made "
                             "against its weights")
         load_concept(record["concept"], bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
-    params = {}
-    for layer, module in cross_attention_layers(bundle.student_unet).items():
-        for proj in ("to_k", "to_v"):
-            params[f"{layer}.{proj}.weight"] = getattr(module, proj).weight.detach().float().cpu().numpy()
-    return params
+    unet = bundle.student_unet
+    return {name: w.detach().float().cpu().numpy() for name, w in zip(kv_parameter_names(unet), kv_parameters(unet))}
 
 
 def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, fp16: bool, refittable: list[str],

@@ -32,6 +32,7 @@ import torch
 from opad.errors import OpadError, first_line
 from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
 from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
+from opad.export.trt_plan import parse_range
 from opad.fsutil import check_output_folder, staged_dir
 from opad.models.attention import cross_attention_layers
 from opad.models.concept import load_concept
@@ -99,13 +100,7 @@ def _parse_batch(args: argparse.Namespace) -> tuple[int, int]:
         if args.batch < 1:
             raise OpadError(f"--batch must be at least 1, got {args.batch}")
         return args.batch, args.batch
-    try:
-        lo, hi = (int(x) for x in args.batch_range.split(":"))
-    except ValueError:
-        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {args.batch_range!r}") from None
-    if not 1 <= lo <= hi:
-        raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {args.batch_range!r}")
-    return lo, hi
+    return parse_range(args.batch_range)
 
 
 def _check_args(args: argparse.Namespace) -> None:

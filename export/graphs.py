@@ -28,9 +28,8 @@ from opad.models.loading import ModelBundle
 
 def encode_token_embeddings(text_encoder: CLIPTextModel, token_embeds: Tensor) -> Tensor:
     """CLIPTextModel's last hidden state from token embeddings instead of ids (causal, as its forward)."""
-    hidden = text_encoder.text_model.embeddings(inputs_embeds=token_embeds) if hasattr(text_encoder, "text_model") \
-        else text_encoder.embeddings(inputs_embeds=token_embeds)
-    model = getattr(text_encoder, "text_model", text_encoder)
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers < 5 wraps it in text_model
+    hidden = model.embeddings(inputs_embeds=token_embeds)
     seq = hidden.shape[1]
     mask = torch.full((seq, seq), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
     hidden = model.encoder(inputs_embeds=hidden, attention_mask=mask[None, None]).last_hidden_state

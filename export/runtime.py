@@ -13,7 +13,7 @@ concepts.
   Within one level of 255 of ``eager``.
 - ``onnxruntime``: the files of ``python export/export_onnx.py``, one export folder per concept
   (their denoise+decode graphs are interchangeable; the first folder's is used for all). Within
-  ``TOLERANCE`` of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding.
+  1e-3 of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding.
 - ``tensorrt``: the engines of ``python export/build_trt.py`` -- the conditioning engine refitted
   per concept with every K/V weight (the refit map), the denoise+decode engine replayed as a CUDA
   graph per (steps, batch). **Unverified**: TensorRT cannot be installed where opad is developed;
@@ -42,7 +42,6 @@ from opad.runtime import pick_device, pick_dtype
 from opad.sampling import STUDENT_STEPS
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
-TOLERANCE = 1e-3  # onnxruntime vs eager, max abs on the float image in [0, 1] (fp32)
 KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
 
 
@@ -238,7 +237,7 @@ class _TensorRT:
 
         from opad.export.build_trt import ENGINES
         from opad.export.trt_engine import tensorrt
-        from opad.export.trt_plan import REFIT_MAP, refit_weights
+        from opad.export.trt_plan import REFIT_MAP, kv_parameter_names, refit_weights
 
         trt = tensorrt()  # one sentence when TensorRT or the GPU is missing
         folder = Path(engines)
@@ -251,11 +250,9 @@ class _TensorRT:
         # tokenizers, token tables and each concept's refit weights come from the student itself
         self.cpu = _Eager(self.record["student"], concepts, "cpu", "float32")
         dtype = np.float16 if self.record["engine_precision"] == "fp16" else np.float32
-        self.refits = {}
-        for name, (_, _, kv) in self.cpu.concepts.items():
-            params = {f"{layer}.{proj}.weight": w.float().numpy() for (layer, proj), w in
-                      zip(self._parameter_names(), kv)}
-            self.refits[name] = refit_weights(entries, params, dtype)
+        names = kv_parameter_names(self.cpu.bundle.student_unet)
+        self.refits = {name: refit_weights(entries, {n: w.float().numpy() for n, w in zip(names, kv)}, dtype)
+                       for name, (_, _, kv) in self.cpu.concepts.items()}
         self.concepts = self.cpu.concepts
         self.trt = trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -264,10 +261,6 @@ class _TensorRT:
             (folder / f"denoise_decode_{steps}step.plan").read_bytes()) for steps in self.record["steps"]}
         self.current: object = ()  # the concept the conditioning engine holds now
         self.graphs: dict[tuple[int, int], tuple] = {}
-
-    def _parameter_names(self) -> list[tuple[str, str]]:
-        layers = cross_attention_layers(self.cpu.bundle.student_unet)
-        return [(layer, proj) for layer in layers for proj in ("to_k", "to_v")]
 
     def _refit(self, concept: str | None) -> None:
         if self.current == concept:

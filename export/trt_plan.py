@@ -22,18 +22,24 @@ from opad.errors import OpadError
 REFIT_MAP = "refit_map.json"
 
 
-def parse_batch_range(text: str | None, exported: Sequence[int]) -> tuple[int, int, int]:
-    """(min, opt, max) batch of the engines' profile: the ONNX export's own range by default; a
-    narrower ``A:B`` (opt B, the serving batch) when asked. Static exports allow only their batch."""
-    lo, hi = int(exported[0]), int(exported[1])
-    if text is None:
-        return lo, hi, hi
+def parse_range(text: str) -> tuple[int, int]:
+    """``--batch-range A:B`` as (A, B), 1 <= A <= B."""
     try:
         a, b = (int(x) for x in text.split(":"))
     except ValueError:
         raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {text!r}") from None
     if not 1 <= a <= b:
         raise OpadError(f"--batch-range must be A:B with 1 <= A <= B, got {text!r}")
+    return a, b
+
+
+def parse_batch_range(text: str | None, exported: Sequence[int]) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the engines' profile: the ONNX export's own range by default; a
+    narrower ``A:B`` (opt B, the serving batch) when asked. Static exports allow only their batch."""
+    lo, hi = int(exported[0]), int(exported[1])
+    if text is None:
+        return lo, hi, hi
+    a, b = parse_range(text)
     if a < lo or b > hi:
         raise OpadError(f"--batch-range {a}:{b} is outside the ONNX export's batch range {lo}:{hi}; "
                         f"re-export with --batch-range {a}:{b}")
@@ -49,6 +55,13 @@ def profile_shapes(record: dict, batch: tuple[int, int, int]) -> dict[str, dict[
     for steps in record["steps"]:
         graphs[record["files"][f"denoise_decode_{steps}step"]] = inputs_b
     return {name: {i: [[n, *rest] for n in batch] for i, rest in inputs.items()} for name, inputs in graphs.items()}
+
+
+def kv_parameter_names(unet) -> list[str]:
+    """The PyTorch names of every cross-attention K/V weight, in model order (k_0, v_0, k_1, ...)."""
+    from opad.models.attention import cross_attention_layers
+
+    return [f"{layer}.{proj}.weight" for layer in cross_attention_layers(unet) for proj in ("to_k", "to_v")]
 
 
 def refit_map(onnx_path: str | Path, parameters: dict[str, np.ndarray]) -> list[dict]:
