@@ -62,6 +62,8 @@ def _extension_build() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]
+
 setup(
     name="opad",
     version="0.1.0",
@@ -88,9 +90,10 @@ setup(
         "pyyaml",  # --config FILE.yaml
     ],
     extras_require={
-        "test": ["pytest>=8", "onnx", "onnxruntime", "onnxscript"],  # the export tests run real ONNX Runtime
+        # the export and server tests run real ONNX Runtime, real HTTP and the official openai client
+        "test": ["pytest>=8", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
-        "serve": ["onnx", "onnxruntime"],
+        "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],
     },
     entry_points={"console_scripts": ["opad=opad.cli:main"]},

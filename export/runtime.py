@@ -1,7 +1,9 @@
 """One inference runner over the split graphs (DESIGN.md §5), with interchangeable backends.
 
 ``Runner(backend).generate(prompt, concept, seed, steps, batch)`` returns uint8 images
-(B, H, W, 3), image i drawn from seed + i exactly as ``python -m opad.generate`` draws it.
+(B, H, W, 3), image i drawn from seed + i exactly as ``python -m opad.generate`` draws it;
+``run_batch([(concept, prompt, seed), ...], steps)`` makes images of any concepts and prompts in
+one denoise+decode call (the server's batches).
 Every backend runs the same split: the conditioning (token embeddings -> every cross-attention
 layer's K/V) once per (concept, prompt), cached, and one concept-agnostic denoise+decode for all
 concepts.
@@ -23,6 +25,7 @@ concepts.
 from __future__ import annotations
 
 import copy
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from opad.errors import OpadError
 from opad.export.graphs import DenoiseDecodeGraph, encode_token_embeddings, token_embedding_table
-from opad.export.sidecar import check_matches, read_sidecar
+from opad.export.sidecar import check_matches, folder_hashes, read_sidecar
 from opad.kernels.kv_proj import kv_project
 from opad.models.attention import cross_attention_layers
 from opad.models.concept import kv_parameters, read_concept
@@ -56,54 +59,134 @@ def _token_ids(tokenizer, prompt: str) -> np.ndarray:
                      return_tensors="np").input_ids
 
 
+Item = tuple  # (concept, prompt, seed): one image of a batch
+
+
+def _concat(parts: list) -> object:
+    return torch.cat(parts) if isinstance(parts[0], Tensor) else np.concatenate(parts)
+
+
 class Runner:
     """Images from the student with any of its concepts, on one backend (see the module docstring).
 
     ``concepts`` maps a name to a concept folder (eager) and, for ``onnxruntime``, optionally to
     the concept each export folder must have been made from (checked against its sidecar);
     ``onnx`` maps names to export folders (``None`` is the base student).
+
+    ``torch_conditioning=True`` computes the conditioning (a) in PyTorch from the concept folders
+    whatever the backend, which then runs only the concept-agnostic denoise+decode (b): one export
+    (of the base student) serves every concept, and concepts can be added while running
+    (:meth:`add_concept`). The server runs this way.
     """
 
     def __init__(self, backend: str = "eager", *, student: str | None = None,
                  concepts: Mapping[str, str] | None = None, onnx: Mapping[str | None, str] | None = None,
-                 engines: str | None = None, device: str = "auto", dtype: str = "auto") -> None:
+                 engines: str | None = None, device: str = "auto", dtype: str = "auto",
+                 torch_conditioning: bool = False) -> None:
         if backend not in BACKENDS:
             raise OpadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
         self._kv_cache: OrderedDict[tuple[str | None, str], list] = OrderedDict()  # least recently used first
+        concepts = dict(concepts or {})
+        split = torch_conditioning and backend in ("onnxruntime", "tensorrt")
         if backend in ("eager", "compiled"):
             impl = _Eager if backend == "eager" else _Compiled
-            self._impl = impl(student, dict(concepts or {}), device, dtype)
+            self._impl = impl(student, concepts, device, dtype)
         elif backend == "tensorrt":
             if not engines:
                 raise OpadError("the tensorrt backend needs the engines folder of export/build_trt.py (engines=DIR)")
-            self._impl = _TensorRT(engines, dict(concepts or {}))
+            self._impl = _TensorRT(engines, {} if split else concepts)
         else:
             if not onnx:
                 raise OpadError("the onnxruntime backend needs export folders (onnx={name: folder})")
-            self._impl = _OnnxRuntime(dict(onnx), dict(concepts or {}), dtype)
+            self._impl = _OnnxRuntime(dict(onnx), {} if split else concepts, dtype)
+        self._cond = self._impl
+        if split:  # (a) in PyTorch beside the backend's (b), on the device the backend's inputs live on
+            cond_device = "cuda" if backend == "tensorrt" else "cpu"
+            self._cond = _Eager(student, concepts, cond_device, "float32")
+            self._cond.check_denoiser(self._impl)
 
     @property
     def concepts(self) -> list[str | None]:
-        return list(self._impl.concepts)
+        return list(self._cond.concepts)
+
+    @property
+    def resolution(self) -> int:
+        return self._impl.resolution
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The step counts this runner has a denoise+decode graph (or engine) for."""
+        return self._impl.steps
+
+    def warm_up_batches(self, max_batch: int) -> list[int]:
+        """Batch sizes worth running once before serving: every shape the compiled backend compiles
+        for batches up to ``max_batch``; one image for the others."""
+        if isinstance(self._impl, _Compiled):
+            return sorted({compiled_batch(n) for n in range(1, max_batch + 1)})
+        return [1]
+
+    def add_concept(self, name: str, folder: str) -> None:
+        """Read (and check) a concept folder and serve it as ``name``, replacing one of that name."""
+        if not isinstance(self._cond, _Eager):
+            raise OpadError("concepts can be added only while the conditioning runs in PyTorch "
+                            "(backend eager or compiled, or torch_conditioning=True)")
+        self._cond.add_concept(name, folder)
+        self._drop_cached(name)
+
+    def remove_concept(self, name: str) -> None:
+        if isinstance(self._cond, _Eager):
+            self._cond.concepts.pop(name, None)
+        self._drop_cached(name)
+
+    def _drop_cached(self, name: str | None) -> None:
+        for key in [k for k in self._kv_cache if k[0] == name]:
+            del self._kv_cache[key]
+
+    def fit_prompt(self, concept: str | None, prompt: str) -> str | None:
+        """The prompt as the text encoder will see it when it is over its token limit (else None)."""
+        tokenizer = self._cond.concepts[concept][0]
+        tokens = tokenizer(prompt, truncation=False, return_offsets_mapping=True, verbose=False)
+        limit = tokenizer.model_max_length
+        if len(tokens.input_ids) <= limit:
+            return None
+        return prompt[:tokens.offset_mapping[limit - 2][1]]  # up to the last token kept before the end token
 
     def generate(self, prompt: str, concept: str | None = None, seed: int = 0, steps: int = 1,
                  batch: int = 1) -> np.ndarray:
-        if concept not in self._impl.concepts:
-            known = ", ".join(repr(c) for c in self._impl.concepts)
-            raise OpadError(f"unknown concept {concept!r}; this runner has {known}")
-        if steps not in STUDENT_STEPS:
-            raise OpadError(f"steps must be one of {STUDENT_STEPS}, got {steps}")
         if batch < 1:
             raise OpadError(f"batch must be at least 1, got {batch}")
+        return self.run_batch([(concept, prompt, seed + i) for i in range(batch)], steps)[0]
+
+    def run_batch(self, items: list[Item], steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        """One denoise+decode call for images of any concepts and prompts, ``(concept, prompt, seed)``
+        each; returns the uint8 images in order and the seconds spent on conditioning and on
+        denoise+decode."""
+        for concept, _, _ in items:
+            if concept not in self._cond.concepts:
+                known = ", ".join(repr(c) for c in self._cond.concepts)
+                raise OpadError(f"unknown concept {concept!r}; this runner has {known}")
+        if steps not in STUDENT_STEPS:
+            raise OpadError(f"steps must be one of {STUDENT_STEPS}, got {steps}")
+        if not items:
+            raise OpadError("a batch needs at least one image")
+        start = time.perf_counter()
+        kvs = [self._conditioning(concept, prompt) for concept, prompt, _ in items]
+        batched = [_concat([kv[j] for kv in kvs]) for j in range(len(kvs[0]))]
+        conditioned = time.perf_counter()
+        images = self._impl.denoise_decode(batched, [seed for _, _, seed in items], steps)
+        done = time.perf_counter()
+        return images, {"conditioning": conditioned - start, "denoise_decode": done - conditioned}
+
+    def _conditioning(self, concept: str | None, prompt: str) -> list:
         key = (concept, prompt)
         if key in self._kv_cache:
             self._kv_cache.move_to_end(key)
         else:  # once per (concept, prompt), the oldest dropped past KV_CACHE_SIZE
-            self._kv_cache[key] = self._impl.conditioning(concept, prompt)
+            self._kv_cache[key] = self._cond.conditioning(concept, prompt)
             if len(self._kv_cache) > KV_CACHE_SIZE:
                 self._kv_cache.popitem(last=False)
-        return self._impl.denoise_decode(self._kv_cache[key], list(range(seed, seed + batch)), steps)
+        return self._kv_cache[key]
 
 
 class _Eager:
@@ -116,14 +199,32 @@ class _Eager:
         base_kv = [w.detach().clone() for w in kv_parameters(b.student_unet)]
         self.concepts: dict[str | None, tuple] = {None: (b.tokenizer, base_table, base_kv)}
         for name, folder in concepts.items():
-            c = read_concept(folder, b.student_unet, b.tokenizer, b.text_encoder)
-            tokenizer = copy.deepcopy(b.tokenizer)
-            tokenizer.add_tokens(c.tokens)
-            table = torch.cat([base_table, torch.stack([r.to(base_table) for r in c.rows])])
-            self.concepts[name] = (tokenizer, table, [w.to(base_kv[0]) for w in c.kv])
+            self.add_concept(name, folder)
         self.graphs: dict[int, DenoiseDecodeGraph] = {}
+        self.resolution = b.default_resolution
+        self.steps = STUDENT_STEPS
         latent = b.default_resolution // b.vae_scale_factor
         self.latent_shape = (b.student_unet.config.in_channels, latent, latent)
+
+    def add_concept(self, name: str, folder: str) -> None:
+        b = self.bundle
+        c = read_concept(folder, b.student_unet, b.tokenizer, b.text_encoder)
+        base_tokenizer, base_table, base_kv = self.concepts[None]
+        tokenizer = copy.deepcopy(base_tokenizer)
+        tokenizer.add_tokens(c.tokens)
+        table = torch.cat([base_table, torch.stack([r.to(base_table) for r in c.rows])])
+        self.concepts[name] = (tokenizer, table, [w.to(base_kv[0]) for w in c.kv])
+
+    def check_denoiser(self, denoiser) -> None:
+        """Refuse a backend's denoise+decode made from another student than this conditioning's."""
+        made_from = denoiser.student_hashes
+        source = Path(self.bundle.student_source)
+        if made_from and source.is_dir() and folder_hashes(source) != made_from:
+            raise OpadError(f"the export was made from another student than {source}; export this student "
+                            "(export/export_onnx.py --student ...)")
+        if denoiser.resolution != self.resolution:
+            raise OpadError(f"the export is for {denoiser.resolution} px but the student's native size is "
+                            f"{self.resolution} px")
 
     @torch.no_grad()
     def conditioning(self, concept: str | None, prompt: str) -> list[Tensor]:
@@ -141,8 +242,7 @@ class _Eager:
     def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
         graph = self.graph(steps)
         noise = seeded_noise(self.latent_shape, seeds, self.bundle.dtype).to(self.bundle.device)
-        batched = [t.expand(len(seeds), *t.shape[1:]) for t in kv]
-        return graph(noise, *batched)[0].cpu().numpy()
+        return graph(noise, *kv)[0].cpu().numpy()
 
 
 class _Compiled(_Eager):
@@ -161,6 +261,27 @@ class _Compiled(_Eager):
             mode = "max-autotune" if self.cuda else "default"
             self.graphs[steps] = torch.compile(DenoiseDecodeGraph(self.bundle, steps).eval(), mode=mode, dynamic=False)
         return self.graphs[steps]
+
+    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
+        """Batches padded to a power of two (the last image repeated, then dropped): a server's
+        batches of 1..N images compile log2(N) + 1 shapes, not N."""
+        n = len(seeds)
+        pad = compiled_batch(n) - n
+        if pad:
+            kv = [torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in kv]
+            seeds = seeds + [seeds[-1]] * pad
+        return super().denoise_decode(kv, seeds, steps)[:n]
+
+
+def compiled_batch(n: int) -> int:
+    """The batch size the compiled backend runs ``n`` images at: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def _rows(t: np.ndarray, start: int, n: int, pad: int) -> np.ndarray:
+    """Rows start..start+n of a batch, the last repeated ``pad`` more times."""
+    part = t[start:start + n]
+    return np.ascontiguousarray(np.concatenate([part, np.repeat(part[-1:], pad, axis=0)]) if pad else part)
 
 
 class _OnnxRuntime:
@@ -194,6 +315,8 @@ class _OnnxRuntime:
         self.sessions: dict[int, object] = {}
         self.dtype = np.float16 if first["precision"] == "fp16" else np.float32
         self.batch = tuple(first["batch"])
+        self.resolution, self.steps = first["resolution"], tuple(first["steps"])
+        self.student_hashes = first.get("student_hashes", {})
 
     def conditioning(self, concept: str | None, prompt: str) -> list[np.ndarray]:
         tokenizer, table, session = self.concepts[concept]
@@ -213,17 +336,14 @@ class _OnnxRuntime:
             self.sessions[steps] = ort.InferenceSession(str(self.folder / name), providers=["CPUExecutionProvider"])
         torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
         noise = seeded_noise(tuple(self.first["shapes"]["noise"]), seeds, torch_dtype).numpy()
+        kv = [(t.cpu().numpy() if isinstance(t, Tensor) else t).astype(self.dtype, copy=False) for t in kv]
         lo, hi = self.batch
         images = []
         for start in range(0, len(seeds), hi):  # chunks the graph's batch dimension takes
-            chunk = noise[start:start + hi]
-            n = len(chunk)
+            n = min(hi, len(seeds) - start)
             pad = max(lo - n, 0)  # a static (or minimum) batch larger than what is left: pad, then drop
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            feeds = {"noise": chunk}
-            feeds.update({name: np.ascontiguousarray(np.broadcast_to(t, (len(chunk), *t.shape[1:])))
-                          for name, t in zip(self.first["kv_names"], kv)})
+            feeds = {"noise": _rows(noise, start, n, pad)}
+            feeds.update({name: _rows(t, start, n, pad) for name, t in zip(self.first["kv_names"], kv)})
             images.append(self.sessions[steps].run(["image"], feeds)[0][:n])
         return np.concatenate(images)
 
@@ -259,6 +379,8 @@ class _TensorRT:
         self.conditioning_engine = runtime.deserialize_cuda_engine((folder / "conditioning.plan").read_bytes())
         self.denoise_engines = {steps: runtime.deserialize_cuda_engine(
             (folder / f"denoise_decode_{steps}step.plan").read_bytes()) for steps in self.record["steps"]}
+        self.resolution, self.steps = self.cpu.resolution, tuple(self.record["steps"])
+        self.student_hashes = {}  # the engines record their student by path (checked when built)
         self.current: object = ()  # the concept the conditioning engine holds now
         self.graphs: dict[tuple[int, int], tuple] = {}
 
@@ -292,7 +414,7 @@ class _TensorRT:
 
             engine = self.denoise_engines[steps]
             feeds = {"noise": torch.zeros((n, *self.record["shapes"]["noise"]))}
-            feeds.update({name: t.expand(n, *t.shape[1:]) for name, t in zip(self.record["kv_names"], kv)})
+            feeds.update({name: t for name, t in zip(self.record["kv_names"], kv)})
             context, buffers = bind(self.trt, engine, feeds)
             stream = torch.cuda.Stream()
             with torch.cuda.stream(stream):
@@ -306,7 +428,7 @@ class _TensorRT:
         dtype = buffers["noise"].dtype  # the engine's input dtype (fp16 for an fp16 export)
         buffers["noise"].copy_(seeded_noise(tuple(self.record["shapes"]["noise"]), seeds, dtype))  # host -> device
         for name, t in zip(self.record["kv_names"], kv):
-            buffers[name].copy_(t.expand(n, *t.shape[1:]))
+            buffers[name].copy_(t)
         graph.replay()
         return buffers["image"].cpu().numpy()
 

@@ -1,5 +1,6 @@
 """The ``opad`` console script: ``opad <command> ...`` runs ``python -m opad.<command> ...``
-(``opad export onnx|trt ...`` runs ``python export/export_onnx.py`` / ``python export/build_trt.py``)."""
+(``opad export onnx|trt ...`` runs ``python export/export_onnx.py`` / ``python export/build_trt.py``,
+``opad serve ...`` runs ``python export/serve.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ COMMANDS = {
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
+    "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
 }
 EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
 
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: opad export onnx|trt [options]   ('opad export onnx --help' explains)", file=sys.stderr)
             return 2
         return importlib.import_module(EXPORT_MODULES[argv[1]]).main(argv[2:])
+    if argv[0] == "serve":
+        return importlib.import_module("opad.export.serve").main(argv[1:])
     module = importlib.import_module(f"opad.{argv[0]}")
     return module.main(argv[1:])
 

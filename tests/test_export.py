@@ -15,56 +15,22 @@ import torch
 from opad.errors import OpadError
 from opad.export import export_onnx
 from opad.export.runtime import Runner
-from opad.generate import to_pil
-from opad.models.concept import add_modifier_tokens, kv_parameters, load_concept, save_concept
-from opad.models.loading import load_models
-from opad.sampling import sample_student
+
+from exportutil import PROMPT, export, generate, make_concept
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = "a photo of <new1> dog"
-
-
-def _make_concept(tiny_dir, out_dir, seed):
-    """A concept of the tiny student with perturbed K/V weights and its own token row."""
-    bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)
-    ids = add_modifier_tokens(bundle.tokenizer, bundle.text_encoder, ["<new1>"], ["dog"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in kv_parameters(bundle.student_unet):
-            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.8)
-        bundle.text_encoder.get_input_embeddings().weight[ids[0]] += torch.randn(16, generator=g)
-    save_concept(out_dir, bundle.student_unet, bundle.tokenizer, bundle.text_encoder, ["<new1>"])
-    return Path(out_dir)
-
-
-def _export(tmp, student, concept=None, **options) -> Path:
-    argv = ["--student", str(student), "--out", str(tmp), "--exporter", options.pop("exporter", "torchscript")]
-    argv += ["--concept", str(concept)] if concept else []
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
-    assert export_onnx.main(argv) == 0
-    return Path(tmp)
 
 
 @pytest.fixture(scope="module")
 def world(tiny_dir, tmp_path_factory):
     """Two concepts and their exports: A with every graph at 1/2/4 steps, B with (a)+(b) at 1 step."""
     root = tmp_path_factory.mktemp("export")
-    a = _make_concept(tiny_dir, root / "concept_a", seed=3)
-    b = _make_concept(tiny_dir, root / "concept_b", seed=4)
+    a = make_concept(tiny_dir, root / "concept_a", seed=3)
+    b = make_concept(tiny_dir, root / "concept_b", seed=4)
     student = tiny_dir / "student"
     return {"student": student, "a": a, "b": b,
-            "onnx_a": _export(root / "onnx_a", student, a, steps="1,2,4"),
-            "onnx_b": _export(root / "onnx_b", student, b, steps=1, no_single=True)}
-
-
-def _generate(student, concept, seed, steps):
-    """What ``python -m opad.generate`` writes for one seed: the float image and its uint8 pixels."""
-    bundle = load_models(student=str(student), load_teacher=False)
-    if concept:
-        load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
-    image = sample_student(bundle, [PROMPT], steps=steps, generator=torch.Generator().manual_seed(seed))
-    return image, np.asarray(to_pil(image)[0])
+            "onnx_a": export(root / "onnx_a", student, a, steps="1,2,4"),
+            "onnx_b": export(root / "onnx_b", student, b, steps=1, no_single=True)}
 
 
 def _session(path):
@@ -82,11 +48,11 @@ def _embeds(folder):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_split_and_single_graphs_equal_generate(world, steps):
+def test_split_and_single_graphs_equalgenerate(world, steps):
     sidecar = json.loads((world["onnx_a"] / "export.json").read_text())
     names = sidecar["kv_names"]
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)).numpy()
-    want, _ = _generate(world["student"], world["a"], seed=7, steps=steps)
+    want, _ = generate(world["student"], world["a"], seed=7, steps=steps)
     kv = _session(world["onnx_a"] / "conditioning.onnx").run(None, {"token_embeds": _embeds(world["onnx_a"])})
     split = _session(world["onnx_a"] / f"denoise_decode_{steps}step.onnx").run(
         None, {"noise": noise, **dict(zip(names, kv))})
@@ -113,8 +79,8 @@ def test_one_denoise_graph_serves_two_concepts(world):
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(9)).numpy()
     _, image = _session(world["onnx_a"] / "denoise_decode_1step.onnx").run(None, {"noise": noise,
                                                                                    **dict(zip(names, kv_b))})
-    want_b, _ = _generate(world["student"], world["b"], seed=9, steps=1)
-    want_a, _ = _generate(world["student"], world["a"], seed=9, steps=1)
+    want_b, _ = generate(world["student"], world["b"], seed=9, steps=1)
+    want_a, _ = generate(world["student"], world["a"], seed=9, steps=1)
     assert np.abs(image - want_b.numpy()).max() <= 1e-3
     assert np.abs(image - want_a.numpy()).max() > 1e-2  # the concepts really differ
 
@@ -123,7 +89,7 @@ def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world)
     runner = Runner("eager", student=str(world["student"]), concepts={"a": str(world["a"]), "b": str(world["b"])})
     for steps in (1, 2, 4):
         for name in ("a", "b"):
-            _, pixels = _generate(world["student"], world[name], seed=11, steps=steps)
+            _, pixels = generate(world["student"], world[name], seed=11, steps=steps)
             assert np.array_equal(runner.generate(PROMPT, name, seed=11, steps=steps)[0], pixels)
     first = runner.generate(PROMPT, "a", seed=12)
     runner.generate(PROMPT, "b", seed=12)
@@ -138,19 +104,19 @@ def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world)
         runner.generate(prompt, None, seed=0)
     assert calls.count((None, "a")) == 2  # cached once, dropped after KV_CACHE_SIZE newer prompts, made again
     batch = runner.generate(PROMPT, "a", seed=11, batch=3)  # image i is seed + i (batched: within rounding)
-    _, pixels = _generate(world["student"], world["a"], seed=13, steps=1)
+    _, pixels = generate(world["student"], world["a"], seed=13, steps=1)
     assert batch.shape == (3, 64, 64, 3) and np.abs(batch[2].astype(int) - pixels).max() <= 1
 
 
-def test_onnxruntime_runner_agrees_with_generate(world):
+def test_onnxruntime_runner_agrees_withgenerate(world):
     runner = Runner("onnxruntime", onnx={"a": str(world["onnx_a"]), "b": str(world["onnx_b"])},
                     concepts={"a": str(world["a"]), "b": str(world["b"])})
     for name, steps in (("a", 1), ("a", 4), ("b", 1)):
-        _, pixels = _generate(world["student"], world[name], seed=21, steps=steps)
+        _, pixels = generate(world["student"], world[name], seed=21, steps=steps)
         got = runner.generate(PROMPT, name, seed=21, steps=steps, batch=2)
-        _, second = _generate(world["student"], world[name], seed=22, steps=steps)
+        _, second = generate(world["student"], world[name], seed=22, steps=steps)
         assert np.abs(got[0].astype(int) - pixels).max() <= 1 and np.abs(got[1].astype(int) - second).max() <= 1
-    _, pixels = _generate(world["student"], world["b"], seed=21, steps=2)  # A's 2-step graph serves B too
+    _, pixels = generate(world["student"], world["b"], seed=21, steps=2)  # A's 2-step graph serves B too
     assert np.abs(runner.generate(PROMPT, "b", seed=21, steps=2)[0].astype(int) - pixels).max() <= 1
     with pytest.raises(OpadError, match="has no 2-step graph"):
         Runner("onnxruntime", onnx={"b": str(world["onnx_b"])}).generate(PROMPT, "b", steps=2)
@@ -172,7 +138,7 @@ def test_sidecar_refuses_an_export_of_another_concept_or_precision(world):
 
 def test_dynamo_exporter_with_a_batch_range_and_external_data(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, "LARGE", 0)  # as if past 2 GB: the weights go to NAME.onnx.data
-    out = _export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
+    out = export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
                   batch_range="1:3")
     assert (out / "denoise_decode_1step.onnx.data").is_file() and (out / "conditioning.onnx.data").is_file()
     sidecar = json.loads((out / "export.json").read_text())
@@ -268,7 +234,7 @@ def test_refit_map_switches_concepts_exactly(world):
     assert all(np.array_equal(x, y) for x, y in zip(back, original_a))
 
 
-def test_trt_profiles_follow_the_export(world):
+def test_trt_profiles_follow_theexport(world):
     from opad.export.trt_plan import parse_batch_range, profile_shapes
 
     record = json.loads((world["onnx_a"] / "export.json").read_text())

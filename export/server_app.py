@@ -1,0 +1,211 @@
+"""The HTTP side of the server: an OpenAI-compatible images API over one :class:`Runner`.
+
+Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``/health`` (alive), ``/ready``
+(models loaded and warmed up), ``/metrics`` (Prometheus). With an API key every route but
+``/health`` needs ``Authorization: Bearer KEY``. Errors come in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from opad.export.batcher import Batcher, ModelThread, QueueFull
+from opad.export.concept_store import BASE, ConceptStore, is_plain_name
+from opad.export.runtime import Runner
+from opad.export.server_metrics import Metrics
+from opad.export.server_request import ApiError, parse_generation, parse_json
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from opad.errors import OpadError
+
+log = logging.getLogger("opad.serve")
+ROUTES = ("/v1/images/generations", "/v1/models", "/health", "/ready", "/metrics")
+
+
+@dataclass
+class Settings:
+    max_batch: int = 8
+    batch_window_ms: float = 5.0
+    queue: int = 64
+    timeout_s: float = 60.0
+    max_body_bytes: int = 64 * 1024
+    api_key: str | None = None
+    retry_after_s: int = 1
+
+
+def _png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _error(e: ApiError, metrics: Metrics) -> JSONResponse:
+    metrics.errors.labels(str(e.status), e.code or "none").inc()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a chunked body has no length
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread) -> FastAPI:
+    """The app over a runner and its concept store, both built on ``model`` (and only used there)."""
+    metrics = Metrics(settings.max_batch)
+    state = {"ready": False}
+    size = f"{runner.resolution}x{runner.resolution}"
+    batcher: Batcher | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal batcher
+        batcher = Batcher(runner, model, metrics, max_batch=settings.max_batch,
+                          window_s=settings.batch_window_ms / 1000, queue=settings.queue)
+        batcher.start()
+        warm = asyncio.get_running_loop().create_task(_warm_up())
+        yield
+        warm.cancel()
+        await batcher.stop()
+        model.close()
+
+    async def _warm_up() -> None:
+        start = time.perf_counter()
+        try:  # each step count at each batch shape the backend compiles (torch.compile: on first use)
+            for steps in runner.steps:
+                for size in runner.warm_up_batches(settings.max_batch):
+                    await model.call(runner.run_batch, [(None, "warm-up", i) for i in range(size)], steps)
+        except Exception:
+            log.exception("warm-up failed: /ready stays 503")
+            return
+        state["ready"] = True
+        log.info("ready: warm-up took %.2f s", time.perf_counter() - start)
+
+    app = FastAPI(title="opad", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def keys_and_counts(request: Request, call_next):
+        path = request.url.path
+        route = path if path in ROUTES else "other"
+        if settings.api_key and path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if not given:
+                problem = "no API key given: send the header 'Authorization: Bearer KEY'"
+            elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                      settings.api_key.encode()):
+                problem = "the API key is not valid"
+            else:
+                problem = None
+            if problem:
+                response = _error(ApiError(401, problem, code="invalid_api_key",
+                                           headers={"WWW-Authenticate": "Bearer"}), metrics)
+                metrics.requests.labels(route, "401").inc()
+                return response
+        response = await call_next(request)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _error(ApiError(e.status_code, message, code="not_found" if e.status_code == 404 else None), metrics)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error",
+                               code="internal_error"), metrics)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state["ready"]:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return {"status": "ready", "backend": runner.backend, "models": len(store.served) + 1}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        names = await model.call(store.scan)  # a concept added to the folder appears here
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "opad"}
+                                           for name in names]}
+
+    async def _concept(model_id: str) -> str | None:
+        if model_id == BASE:
+            return None
+        missing = ApiError(404, f"model {model_id!r} not found; GET /v1/models lists the concepts", param="model",
+                           code="model_not_found")
+        if not is_plain_name(model_id):  # refused before the file system is touched
+            raise missing
+        if model_id not in store.served and not await model.call(store.refresh, model_id):
+            raise missing
+        return model_id
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        arrived = time.perf_counter()
+        try:
+            body = parse_json(await _read_body(request, settings.max_body_bytes))
+            asked = parse_generation(body, size=size, steps=runner.steps)
+            if not state["ready"]:
+                raise ApiError(503, "the server is still warming up", type_="server_error", code="not_ready",
+                               headers={"Retry-After": str(settings.retry_after_s)})
+            concept = await _concept(asked.model)
+            revised = runner.fit_prompt(concept, asked.prompt)
+            try:
+                job = batcher.submit(concept, asked.prompt, asked.seed, asked.n, asked.steps)
+            except QueueFull:
+                raise ApiError(503, f"the queue is full ({settings.queue} requests wait); retry shortly",
+                               type_="server_error", code="queue_full",
+                               headers={"Retry-After": str(settings.retry_after_s)}) from None
+            try:
+                images = await asyncio.wait_for(asyncio.shield(job.future), settings.timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(504, f"the images were not ready within {settings.timeout_s:g} s",
+                               type_="server_error", code="timeout") from None
+            except OpadError as e:
+                raise ApiError(422, str(e), code="invalid_value") from None
+            finally:
+                batcher.cancel(job)  # whatever has not started yet is not wanted any more
+        except ApiError as e:
+            return _error(e, metrics)
+        encode_start = time.perf_counter()
+        encoded = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
+        finished = time.perf_counter()
+        stages = {"queue": job.started - job.enqueued, **job.timings, "encode": finished - encode_start}
+        for stage, seconds in stages.items():
+            metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.request_seconds.observe(finished - arrived)
+        data = [{"b64_json": b64, **({"revised_prompt": revised} if revised else {})} for b64 in encoded]
+        headers = {"Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in stages.items()),
+                   "X-Opad-Seed": str(asked.seed)}
+        return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
+
+    return app

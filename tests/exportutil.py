@@ -1,0 +1,48 @@
+"""Shared by the export and server tests: concepts of the tiny student, exports, and what
+``python -m opad.generate`` makes for a seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from opad.export import export_onnx
+
+from opad.generate import to_pil
+from opad.models.concept import add_modifier_tokens, kv_parameters, load_concept, save_concept
+from opad.models.loading import load_models
+from opad.sampling import sample_student
+
+PROMPT = "a photo of <new1> dog"
+
+
+def make_concept(tiny_dir, out_dir, seed):
+    """A concept of the tiny student with perturbed K/V weights and its own token row."""
+    bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)
+    ids = add_modifier_tokens(bundle.tokenizer, bundle.text_encoder, ["<new1>"], ["dog"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in kv_parameters(bundle.student_unet):
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.8)
+        bundle.text_encoder.get_input_embeddings().weight[ids[0]] += torch.randn(16, generator=g)
+    save_concept(out_dir, bundle.student_unet, bundle.tokenizer, bundle.text_encoder, ["<new1>"])
+    return Path(out_dir)
+
+
+def export(tmp, student, concept=None, **options) -> Path:
+    argv = ["--student", str(student), "--out", str(tmp), "--exporter", options.pop("exporter", "torchscript")]
+    argv += ["--concept", str(concept)] if concept else []
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    assert export_onnx.main(argv) == 0
+    return Path(tmp)
+
+
+def generate(student, concept, seed, steps, prompt=PROMPT):
+    """What ``python -m opad.generate`` writes for one seed: the float image and its uint8 pixels."""
+    bundle = load_models(student=str(student), load_teacher=False)
+    if concept:
+        load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
+    image = sample_student(bundle, [prompt], steps=steps, generator=torch.Generator().manual_seed(seed))
+    return image, np.asarray(to_pil(image)[0])
