@@ -13,6 +13,7 @@ COMMANDS = {
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
     "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
+    "evaluate": "DINO, CLIP-I and CLIP-T of generated images against real photos (DreamBench metrics)",
 }
 EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
 

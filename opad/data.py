@@ -52,7 +52,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """The image files of ``folder``; other entries with an image suffix (folders, pipes, broken links)
     are skipped with a warning: opening a FIFO would wait forever."""
     files = []
@@ -66,7 +66,7 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> Image.Image:
+def read_image(path: Path) -> Image.Image:
     """One photo as RGB, upright (EXIF orientation applied); warns about animations (first frame used)."""
     try:
         with Image.open(path) as im:
@@ -90,13 +90,13 @@ def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bo
     folder = Path(folder)
     if not folder.is_dir():
         raise OpadError(f"{what} folder not found: {str(folder)!r}")
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise OpadError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
     keep = round(1.4 * resolution)
     images = []
     for path in files:
-        img = _read_image(path)
+        img = read_image(path)
         w, h = img.size
         if min(w, h) < resolution and not allow_upscale:
             raise OpadError(

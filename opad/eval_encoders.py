@@ -1,0 +1,142 @@
+"""The image and text encoders the DreamBench metrics score with, each with the common protocol's
+preprocessing.
+
+- DINO: timm ``vit_small_patch16_224.dino`` (ViT-S/16), the CLS embedding; images resized to 256
+  (bicubic), centre-cropped to 224, ImageNet mean/std.
+- CLIP: open_clip ``ViT-B-32`` by default (``ViT-L-14`` and others selectable), image and text
+  embeddings, with open_clip's own evaluation transform for the architecture.
+
+Weights come from a local file, from the hub only when asked (``hub`` / ``hub:TAG``), or ``tiny``:
+random tiny models of the same families for tests, whose numbers are not comparable with anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import timm
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from opad.backbones import _TINY_VIT, IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_hub_file
+from opad.errors import OpadError, first_line
+
+DINO_TIMM = "vit_small_patch16_224.dino"
+CLIP_DEFAULT_ARCH = "ViT-B-32"
+BATCH = 16
+
+
+def _source_id(source: str) -> str:
+    """What identifies the weights in a manifest and the embedding cache: a hub id, or the file's hash."""
+    if source == "tiny" or source.startswith("hub"):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise OpadError(f"weights file not found: {source!r}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+class Encoder:
+    """Embeddings of PIL images (and, for CLIP, of prompts) as float32 numpy rows."""
+
+    name: str
+    model_id: str  # the architecture and its weights, for manifests and the cache
+    comparable: bool  # False for tiny random models
+    device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> Encoder:
+        self.model.to(device)
+        self.device = device
+        return self
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> np.ndarray:
+        rows = []
+        for start in range(0, len(images), BATCH):
+            batch = torch.stack([self.transform(im) for im in images[start:start + BATCH]]).to(self.device)
+            rows.append(self._embed_images(batch).float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+class DinoEncoder(Encoder):
+    name = "dino"
+
+    def __init__(self, source: str, seed: int = 0) -> None:
+        self.model_id = f"timm:{DINO_TIMM}@{_source_id(source)}"
+        self.comparable = source != "tiny"
+        if source == "tiny":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = timm.create_model(DINO_TIMM, pretrained=False, num_classes=0, **_TINY_VIT)
+        else:
+            path = _timm_hub_file("dino", DINO_TIMM, source) if source.startswith("hub") else source
+            try:
+                model = timm.create_model(DINO_TIMM, pretrained=True, num_classes=0,
+                                          pretrained_cfg_overlay={"file": path})
+            except (RuntimeError, ValueError, OSError) as e:
+                raise OpadError(f"--dino-weights {source}: not a {DINO_TIMM} checkpoint ({first_line(e)})") from e
+        self.model = model.eval()
+        self.transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def _embed_images(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch)  # num_classes=0 with token pooling: the CLS embedding after the last norm
+
+
+class ClipEncoder(Encoder):
+    name = "clip"
+
+    def __init__(self, source: str, arch: str = CLIP_DEFAULT_ARCH, seed: int = 0) -> None:
+        if open_clip.get_model_config(arch) is None:
+            raise OpadError(f"unknown open_clip architecture {arch!r} (--clip-arch), e.g. ViT-B-32 or ViT-L-14")
+        self.model_id = f"open_clip:{arch}@{_source_id(source)}"
+        self.comparable = source != "tiny"
+        if source == "tiny":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                vision = dict(layers=2, width=32, head_width=16, patch_size=32, image_size=224)
+                text = dict(context_length=77, vocab_size=49408, width=16, heads=2, layers=1)  # CLIP's tokenizer
+                model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
+            self.transform = open_clip.image_transform(224, is_train=False)
+        else:
+            model, self.transform = self._load(source, arch)
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(arch if source != "tiny" else CLIP_DEFAULT_ARCH)
+
+    @staticmethod
+    def _load(source: str, arch: str):
+        if source.startswith("hub"):
+            tag = source.partition(":")[2] or "openai"
+            cfg = open_clip.get_pretrained_cfg(arch, tag)
+            if not cfg:
+                raise OpadError(f"open_clip has no pretrained {arch!r} tagged {tag!r}; its tags: "
+                                f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+            try:
+                model, _, transform = open_clip.create_model_and_transforms(
+                    arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+            except Exception as e:  # noqa: BLE001 - network, offline mode or a hub error: say what was wanted
+                raise _offline_error("the CLIP metric model", f"open_clip {arch} pretrained {tag!r}",
+                                     "--clip-weights FILE", e) from e
+            return model, transform
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=source)
+        except (RuntimeError, ValueError, OSError, KeyError) as e:
+            raise OpadError(f"--clip-weights {source}: not an open_clip {arch} checkpoint ({first_line(e)})") from e
+        return model, transform
+
+    def _embed_images(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(batch)
+
+    @torch.no_grad()
+    def texts(self, prompts: list[str]) -> np.ndarray:
+        if not prompts:
+            return np.zeros((0, 0), np.float32)
+        return self.model.encode_text(self.tokenizer(prompts).to(self.device)).float().cpu().numpy()
