@@ -14,6 +14,7 @@ COMMANDS = {
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
     "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
     "evaluate": "DINO, CLIP-I and CLIP-T of generated images against real photos (DreamBench metrics)",
+    "reproduce": "the paper's Table 5 on DreamBench: train, generate and score each (subject, method)",
 }
 EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
 

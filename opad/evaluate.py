@@ -200,6 +200,8 @@ def evaluate(args: argparse.Namespace) -> Path:
     items = generated_images(Path(args.generated), Path(args.manifest) if args.manifest else None, subjects)
     if items[0].subject == ALL:
         subjects = {ALL: [p for files in subjects.values() for p in files]}
+    else:  # only the subjects the manifest names are embedded (--real may hold all of DreamBench)
+        subjects = {name: files for name, files in subjects.items() if any(i.subject == name for i in items)}
     if args.pairing == "single" and not all(0 <= args.reference_index < len(subjects[i.subject]) for i in items):
         raise OpadError(f"--reference-index {args.reference_index} is past the photos of a subject")
     bench: DreamBench | None = None

@@ -26,23 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None):
+    """Parse ``argv`` as the command line does and train; returns the trainer (raises OpadError)."""
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "resume", False) and args.config is None:
-            # a resumed run starts from its own config.json; flags given now override it
-            saved = Path(getattr(args, "output_dir", "opad-output")) / "config.json"
-            if saved.is_file():
-                args.config = str(saved)
-        cfg = config_from_args(args)
-        from opad.trainer import build_trainer  # heavy imports after the arguments are known to be valid
+    if getattr(args, "resume", False) and args.config is None:
+        # a resumed run starts from its own config.json; flags given now override it
+        saved = Path(getattr(args, "output_dir", "opad-output")) / "config.json"
+        if saved.is_file():
+            args.config = str(saved)
+    cfg = config_from_args(args)
+    from opad.trainer import build_trainer  # heavy imports after the arguments are known to be valid
 
-        start = time.perf_counter()
-        trainer = build_trainer(cfg)
-        out = trainer.train()
+    trainer = build_trainer(cfg)
+    trainer.train()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    try:
+        trainer = run(argv)
     except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    out = trainer.out
     if trainer.step < trainer.cfg.max_steps:
         return 130  # interrupted, checkpoint written
     if not trainer.is_main:
