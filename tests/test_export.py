@@ -48,7 +48,7 @@ def _embeds(folder):
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_split_and_single_graphs_equalgenerate(world, steps):
+def test_split_and_single_graphs_equal_generate(world, steps):
     sidecar = json.loads((world["onnx_a"] / "export.json").read_text())
     names = sidecar["kv_names"]
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)).numpy()
@@ -108,7 +108,7 @@ def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world)
     assert batch.shape == (3, 64, 64, 3) and np.abs(batch[2].astype(int) - pixels).max() <= 1
 
 
-def test_onnxruntime_runner_agrees_withgenerate(world):
+def test_onnxruntime_runner_agrees_with_generate(world):
     runner = Runner("onnxruntime", onnx={"a": str(world["onnx_a"]), "b": str(world["onnx_b"])},
                     concepts={"a": str(world["a"]), "b": str(world["b"])})
     for name, steps in (("a", 1), ("a", 4), ("b", 1)):
@@ -181,18 +181,25 @@ def test_bad_export_options_are_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_entry_points(tmp_path):
-    for argv in ([sys.executable, str(REPO / "export" / "export_onnx.py"), "--help"],
-                 [sys.executable, "-m", "opad.export.export_onnx", "--help"],
-                 [sys.executable, "-m", "opad.cli", "export", "onnx", "--help"]):
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0 and "denoise_decode_{N}step.onnx" in run.stdout, run.stderr
-    for argv in ([sys.executable, str(REPO / "export" / "build_trt.py"), "--help"],
-                 [sys.executable, "-m", "opad.cli", "export", "trt", "--help"]):
-        run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0 and "refit_map.json" in run.stdout and "Unverified" in run.stdout, run.stderr
-    run = subprocess.run([sys.executable, "-m", "opad.cli", "export"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "usage: opad export onnx|trt" in run.stderr
+def test_cli_entry_points(capsys):
+    """The scripts themselves once each (a fresh process: their own imports); the other forms in-process."""
+    run = subprocess.run([sys.executable, str(REPO / "export" / "export_onnx.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "denoise_decode_{N}step.onnx" in run.stdout, run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "export" / "build_trt.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "refit_map.json" in run.stdout and "Unverified" in run.stdout, run.stderr
+    from opad import cli
+    from opad.export import build_trt
+
+    for main, argv, wanted in ((export_onnx.main, ["--help"], "denoise_decode_{N}step.onnx"),
+                               (cli.main, ["export", "onnx", "--help"], "denoise_decode_{N}step.onnx"),
+                               (build_trt.main, ["--help"], "refit_map.json"),
+                               (cli.main, ["export", "trt", "--help"], "refit_map.json")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0 and wanted in capsys.readouterr().out
+    assert cli.main(["export"]) == 2 and "usage: opad export onnx|trt" in capsys.readouterr().err
 
 
 def test_compiled_runner_agrees_with_eager(tiny_dir):
@@ -234,7 +241,7 @@ def test_refit_map_switches_concepts_exactly(world):
     assert all(np.array_equal(x, y) for x, y in zip(back, original_a))
 
 
-def test_trt_profiles_follow_theexport(world):
+def test_trt_profiles_follow_the_export(world):
     from opad.export.trt_plan import parse_batch_range, profile_shapes
 
     record = json.loads((world["onnx_a"] / "export.json").read_text())
