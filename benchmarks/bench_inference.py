@@ -19,6 +19,7 @@ import importlib.util
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 from common import measure, write_rows
@@ -72,8 +73,9 @@ def onnxruntime_rows(runner: Runner, steps: int, batches: list[int], repeats: in
     kv = impl.conditioning(None, PROMPT)
     for n in batches:
         shape = f"b{n},{resolution}px,{steps}step"
+        kv_n = [np.repeat(t, n, axis=0) for t in kv]  # one K/V row per image
         rows.append(_row("inference/denoise_decode", "onnxruntime", shape, measure(
-            lambda: impl.denoise_decode(kv, list(range(n)), steps), cpu, repeats=repeats)))
+            lambda: impl.denoise_decode(kv_n, list(range(n)), steps), cpu, repeats=repeats)))
         rows.append(_row("inference/end_to_end", "onnxruntime", shape, measure(
             lambda: runner.generate(PROMPT, None, seed=0, steps=steps, batch=n), cpu, repeats=repeats), n))
     return rows

@@ -62,7 +62,7 @@ class Job:
     done: int = 0
     started: float | None = None
     cancelled: bool = False
-    timings: dict[str, float] = field(default_factory=lambda: {"conditioning": 0.0, "denoise_decode": 0.0})
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, over its batches
 
 
 class Batcher:
@@ -155,7 +155,7 @@ class Batcher:
         jobs = {id(job): job for job, _ in batch}
         for job in jobs.values():
             for stage, seconds in timings.items():
-                job.timings[stage] += seconds
+                job.timings[stage] = job.timings.get(stage, 0.0) + seconds
         for (job, i), image in zip(batch, images):
             job.images[i] = image
             job.done += 1

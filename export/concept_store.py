@@ -76,7 +76,8 @@ class ConceptStore:
             return False  # already logged; tried again when its files change
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
-            self._refuse(name, signature, f"{folder / pickles[0]} is a pickle file; concepts load from safetensors only")
+            self._refuse(name, signature,
+                         f"{folder / pickles[0]} is a pickle file; concepts load from safetensors only")
             return False
         try:
             self.runner.add_concept(name, str(folder))

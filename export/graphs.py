@@ -70,13 +70,19 @@ class DenoiseDecodeGraph(nn.Module):
         self.context_dim = self.unet.config.cross_attention_dim
 
     def forward(self, noise: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decode(self.denoise(noise, *kv))
+
+    def denoise(self, noise: Tensor, *kv: Tensor) -> Tensor:
+        """The UNet step(s): noise + K/V -> the clean latent z0."""
         pairs = list(zip(kv[0::2], kv[1::2]))
         # the UNet's signature wants a context; with the K/V given, only its batch size is read
         placeholder = noise.new_zeros(noise.shape[0], 1, self.context_dim)
         with self.kv.given(pairs):
-            z0 = ddim_sample(lambda z, t: unet_prediction(self.unet, z, t, placeholder),
-                             turbo_initial_latent(noise, self.timesteps[0], self.alphas_cumprod),
-                             self.timesteps, self.alphas_cumprod, self.prediction_type)
+            return ddim_sample(lambda z, t: unet_prediction(self.unet, z, t, placeholder),
+                               turbo_initial_latent(noise, self.timesteps[0], self.alphas_cumprod),
+                               self.timesteps, self.alphas_cumprod, self.prediction_type)
+
+    def decode(self, z0: Tensor) -> tuple[Tensor, Tensor]:
         return decode_to_images(self.vae, z0, self.scaling_factor)
 
 

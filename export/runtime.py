@@ -160,8 +160,8 @@ class Runner:
 
     def run_batch(self, items: list[Item], steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """One denoise+decode call for images of any concepts and prompts, ``(concept, prompt, seed)``
-        each; returns the uint8 images in order and the seconds spent on conditioning and on
-        denoise+decode."""
+        each; returns the uint8 images in order and the seconds per stage: ``conditioning``, then
+        ``denoise`` and ``decode`` (eager) or ``denoise_decode`` (the backends that run them as one graph)."""
         for concept, _, _ in items:
             if concept not in self._cond.concepts:
                 known = ", ".join(repr(c) for c in self._cond.concepts)
@@ -174,9 +174,8 @@ class Runner:
         kvs = [self._conditioning(concept, prompt) for concept, prompt, _ in items]
         batched = [_concat([kv[j] for kv in kvs]) for j in range(len(kvs[0]))]
         conditioned = time.perf_counter()
-        images = self._impl.denoise_decode(batched, [seed for _, _, seed in items], steps)
-        done = time.perf_counter()
-        return images, {"conditioning": conditioned - start, "denoise_decode": done - conditioned}
+        images, stages = self._impl.denoise_decode(batched, [seed for _, _, seed in items], steps)
+        return images, {"conditioning": conditioned - start, **stages}
 
     def _conditioning(self, concept: str | None, prompt: str) -> list:
         key = (concept, prompt)
@@ -239,10 +238,18 @@ class _Eager:
         return self.graphs[steps]
 
     @torch.no_grad()
-    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
-        graph = self.graph(steps)
+    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
         noise = seeded_noise(self.latent_shape, seeds, self.bundle.dtype).to(self.bundle.device)
-        return graph(noise, *kv)[0].cpu().numpy()
+        return self.run_graph(self.graph(steps), noise, kv)
+
+    def run_graph(self, graph, noise: Tensor, kv: list[Tensor]) -> tuple[np.ndarray, dict[str, float]]:
+        """Denoise and decode timed apart (synchronised on a GPU, so each stage's time is its own)."""
+        start = time.perf_counter()
+        z0 = graph.denoise(noise, *kv)
+        _synchronize(z0.device)
+        denoised = time.perf_counter()
+        images = graph.decode(z0)[0].cpu().numpy()
+        return images, {"denoise": denoised - start, "decode": time.perf_counter() - denoised}
 
 
 class _Compiled(_Eager):
@@ -262,7 +269,7 @@ class _Compiled(_Eager):
             self.graphs[steps] = torch.compile(DenoiseDecodeGraph(self.bundle, steps).eval(), mode=mode, dynamic=False)
         return self.graphs[steps]
 
-    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
+    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """Batches padded to a power of two (the last image repeated, then dropped): a server's
         batches of 1..N images compile log2(N) + 1 shapes, not N."""
         n = len(seeds)
@@ -270,12 +277,23 @@ class _Compiled(_Eager):
         if pad:
             kv = [torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in kv]
             seeds = seeds + [seeds[-1]] * pad
-        return super().denoise_decode(kv, seeds, steps)[:n]
+        images, stages = super().denoise_decode(kv, seeds, steps)
+        return images[:n], stages
+
+    def run_graph(self, graph, noise: Tensor, kv: list[Tensor]) -> tuple[np.ndarray, dict[str, float]]:
+        start = time.perf_counter()  # one compiled graph: denoise and decode are not apart
+        images = graph(noise, *kv)[0].cpu().numpy()
+        return images, {"denoise_decode": time.perf_counter() - start}
 
 
 def compiled_batch(n: int) -> int:
     """The batch size the compiled backend runs ``n`` images at: the next power of two."""
     return 1 << (n - 1).bit_length()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _rows(t: np.ndarray, start: int, n: int, pad: int) -> np.ndarray:
@@ -325,7 +343,12 @@ class _OnnxRuntime:
             embeds = np.repeat(embeds, self.batch[0], axis=0)
         return [k[:1] for k in session.run(None, {"token_embeds": embeds})]
 
-    def denoise_decode(self, kv: list[np.ndarray], seeds: list[int], steps: int) -> np.ndarray:
+    def denoise_decode(self, kv: list[np.ndarray], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        start = time.perf_counter()  # graph (b) runs both in one session
+        images = self._denoise_decode(kv, seeds, steps)
+        return images, {"denoise_decode": time.perf_counter() - start}
+
+    def _denoise_decode(self, kv: list[np.ndarray], seeds: list[int], steps: int) -> np.ndarray:
         import onnxruntime as ort
 
         if steps not in self.first["steps"]:
@@ -404,7 +427,12 @@ class _TensorRT:
         outs = execute(self.trt, self.conditioning_engine, {"token_embeds": embeds})
         return [outs[name] for name in self.record["kv_names"]]
 
-    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
+    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        start = time.perf_counter()  # one engine (one CUDA graph) for both
+        images = self._denoise_decode(kv, seeds, steps)
+        return images, {"denoise_decode": time.perf_counter() - start}
+
+    def _denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
         if steps not in self.denoise_engines:
             raise OpadError(f"no {steps}-step engine (built: {self.record['steps']})")
         n = len(seeds)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-STAGES = ("queue", "conditioning", "denoise_decode", "encode")
+# the stage label of opad_stage_seconds: queue, conditioning, then denoise and decode (eager) or
+# denoise_decode (the backends that run both as one graph), encode
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
