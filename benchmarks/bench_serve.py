@@ -29,11 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_rows
 from opad.export import export_onnx
-from opad.export.batcher import ModelThread
-from opad.export.concept_store import ConceptStore
 from opad.export.runtime import Runner
 from opad.export.serve import ThreadedServer
-from opad.export.server_app import Settings, create_app
+from opad.export.server_app import Settings, build_app
 
 from opad.runtime import pick_device
 
@@ -123,13 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend, make in runners(args, device, tmp):
-            model = ModelThread()  # every torch call on one thread, as the server makes them
-            runner = model.run(make)
-            reference = model.run(runner_images_per_s, runner, args.max_batch)
+            settings = Settings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, queue=1024)
+            served = build_app(make, None, settings)  # every torch call on the server's one model thread
+            reference = served.model.run(runner_images_per_s, served.runner, args.max_batch)
             rows.append({"name": "serve/runner", "provider": backend, "shape": f"batch={args.max_batch}",
                          "images_per_s": reference})
-            settings = Settings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, queue=1024)
-            server = ThreadedServer(create_app(runner, ConceptStore(None, runner), settings, model))
+            server = ThreadedServer(served.app)
             try:
                 while _ready(server.port) != 200:
                     time.sleep(0.05)

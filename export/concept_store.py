@@ -32,7 +32,8 @@ def is_plain_name(name: str) -> bool:
 
 def _signature(folder: Path) -> tuple:
     """What changes when a concept is rewritten: its files' names, sizes and modification times."""
-    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    stats = [(p.name, p.stat()) for p in folder.iterdir() if p.is_file()]
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 class ConceptStore:

@@ -33,7 +33,8 @@ from opad.errors import OpadError, first_line
 from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
 from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 from opad.export.trt_plan import parse_range
-from opad.fsutil import check_output_folder, staged_dir
+from opad.fsutil import staged_dir
+from opad.generate import check_output_options
 from opad.models.attention import cross_attention_layers
 from opad.models.concept import load_concept
 from opad.models.loading import ModelBundle, load_models
@@ -106,11 +107,7 @@ def _parse_batch(args: argparse.Namespace) -> tuple[int, int]:
 def _check_args(args: argparse.Namespace) -> None:
     if args.opset < MIN_OPSET:
         raise OpadError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise OpadError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    check_output_folder(args.out, args.overwrite)
-    if args.concept is not None and not Path(args.concept).is_dir():
-        raise OpadError(f"concept folder not found: {args.concept!r}")
+    check_output_options(args)
     if args.fp16 and pick_device(args.device).type != "cuda":
         raise OpadError("--fp16 exports trace and check on a GPU: pass --device cuda (the CPU has no fp16 kernels "
                         "for the convolutions)")

@@ -165,22 +165,18 @@ class ThreadedServer:
 
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
-    from opad.export.batcher import ModelThread
-    from opad.export.concept_store import ConceptStore
-    from opad.export.server_app import Settings, create_app
+    from opad.export.server_app import Settings, build_app
 
     key = check_args(args)
     sock = _listen(args.host, args.port)  # before the models load: a taken port fails at once
     backend = choose_backend(args)
-    model = ModelThread()
-    runner = model.run(build_runner, args, backend)
-    store = ConceptStore(args.concepts, runner)
-    names = model.run(store.scan)
-    log.info("backend %s, %d px, steps %s; models: %s", backend, runner.resolution,
-             ",".join(map(str, runner.steps)), ", ".join(names))
     settings = Settings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, queue=args.queue,
                         timeout_s=args.timeout_s, max_body_bytes=args.max_body_kb * 1024, api_key=key)
-    app = create_app(runner, store, settings, model)
+    served = build_app(lambda: build_runner(args, backend), args.concepts, settings)
+    runner = served.runner
+    log.info("backend %s, %d px, steps %s; models: %s", backend, runner.resolution,
+             ",".join(map(str, runner.steps)), ", ".join(served.store.names()))
+    app = served.app
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d%s", host, port, " (API key required)" if key else "")
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",

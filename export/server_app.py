@@ -70,6 +70,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+@dataclass
+class Served:
+    app: FastAPI
+    runner: Runner
+    store: ConceptStore
+    model: ModelThread
+
+
+def build_app(make_runner, concepts: str | None, settings: Settings) -> Served:
+    """``make_runner()`` run on a fresh model thread, the concepts scanned there, and the app over them."""
+    model = ModelThread()
+    runner = model.run(make_runner)
+    store = ConceptStore(concepts, runner)
+    model.run(store.scan)
+    return Served(create_app(runner, store, settings, model), runner, store, model)
+
+
 def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread) -> FastAPI:
     """The app over a runner and its concept store, both built on ``model`` (and only used there)."""
     metrics = Metrics(settings.max_batch)

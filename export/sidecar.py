@@ -11,19 +11,12 @@ from pathlib import Path
 
 import opad
 from opad.errors import OpadError
+from opad.fsutil import file_hash
 
 SIDECAR = "export.json"
 FORMAT = 1
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers")
 _HASHED = (".safetensors", ".bin", ".json", ".txt")  # weights, configs, vocab/merges
-
-
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_hashes(folder: str | Path) -> dict[str, str]:

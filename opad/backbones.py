@@ -195,7 +195,7 @@ def _offline_error(what: str, target: str, flag: str, error: Exception) -> OpadE
 
 
 # ---------------------------------------------------------------------------- encoders
-def _timm_hub_file(name: str, timm_name: str, source: str) -> str:
+def _timm_hub_file(name: str, timm_name: str, source: str, flag: str | None = None) -> str:
     """Download timm's weights of ``timm_name`` (``hub:TAG`` swaps its pretrained tag) before building
     the model, so that an offline run fails at once; returns the local file."""
     from huggingface_hub import hf_hub_download
@@ -214,10 +214,10 @@ def _timm_hub_file(name: str, timm_name: str, source: str) -> str:
         return hf_hub_download(cfg.hf_hub_id, filename)
     except Exception as e:  # noqa: BLE001 - network, offline mode or a hub error: say what was wanted
         raise _offline_error(f"the {name} backbone", f"timm {timm_name!r} (hf-hub:{cfg.hf_hub_id})",
-                             f"--backbone-weights {name}=FILE", e) from e
+                             flag or f"--backbone-weights {name}=FILE", e) from e
 
 
-def _timm_encoder(name: str, timm_name: str, source: str, seed: int) -> nn.Module:
+def _timm_encoder(name: str, timm_name: str, source: str, seed: int, flag: str | None = None) -> nn.Module:
     """A timm ViT without classifier: random tiny, or with weights from the hub or a file (timm's own
     loader: it reads weights only and converts e.g. the official DINOv2 checkpoints' layout)."""
     if source == "tiny":
@@ -225,7 +225,7 @@ def _timm_encoder(name: str, timm_name: str, source: str, seed: int) -> nn.Modul
             torch.manual_seed(seed)
             return timm.create_model(timm_name, pretrained=False, num_classes=0, **_TINY_VIT)
     if source.startswith("hub"):
-        source = _timm_hub_file(name, timm_name, source)
+        source = _timm_hub_file(name, timm_name, source, flag)
     return timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": source})
 
 

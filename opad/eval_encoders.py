@@ -12,18 +12,17 @@ random tiny models of the same families for tests, whose numbers are not compara
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import open_clip
-import timm
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from opad.backbones import _TINY_VIT, IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_hub_file
+from opad.backbones import IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_encoder
 from opad.errors import OpadError, first_line
+from opad.fsutil import file_hash
 
 DINO_TIMM = "vit_small_patch16_224.dino"
 CLIP_DEFAULT_ARCH = "ViT-B-32"
@@ -34,14 +33,9 @@ def _source_id(source: str) -> str:
     """What identifies the weights in a manifest and the embedding cache: a hub id, or the file's hash."""
     if source == "tiny" or source.startswith("hub"):
         return source
-    path = Path(source)
-    if not path.is_file():
+    if not Path(source).is_file():
         raise OpadError(f"weights file not found: {source!r}")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()[:16]}"
+    return f"sha256:{file_hash(source)[:16]}"
 
 
 class Encoder:
@@ -72,17 +66,10 @@ class DinoEncoder(Encoder):
     def __init__(self, source: str, seed: int = 0) -> None:
         self.model_id = f"timm:{DINO_TIMM}@{_source_id(source)}"
         self.comparable = source != "tiny"
-        if source == "tiny":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = timm.create_model(DINO_TIMM, pretrained=False, num_classes=0, **_TINY_VIT)
-        else:
-            path = _timm_hub_file("dino", DINO_TIMM, source) if source.startswith("hub") else source
-            try:
-                model = timm.create_model(DINO_TIMM, pretrained=True, num_classes=0,
-                                          pretrained_cfg_overlay={"file": path})
-            except (RuntimeError, ValueError, OSError) as e:
-                raise OpadError(f"--dino-weights {source}: not a {DINO_TIMM} checkpoint ({first_line(e)})") from e
+        try:  # the backbones' timm loader: random tiny, hub (downloads) or a file
+            model = _timm_encoder("dino", DINO_TIMM, source, seed, flag="--dino-weights FILE")
+        except (RuntimeError, ValueError, OSError) as e:
+            raise OpadError(f"--dino-weights {source}: not a {DINO_TIMM} checkpoint ({first_line(e)})") from e
         self.model = model.eval()
         self.transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

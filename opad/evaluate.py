@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from opad.data import read_image
+from opad.data import image_files, read_image
 from opad.dreambench import DreamBench, read_dreambench
 from opad.errors import OpadError
 from opad.eval_encoders import CLIP_DEFAULT_ARCH, ClipEncoder, DinoEncoder, Encoder
 from opad.eval_metrics import PAIRINGS, bootstrap_interval, image_scores, prompt_type, strip_modifiers, text_scores
-from opad.fsutil import check_output_folder, staged_dir
+from opad.fsutil import check_output_folder, file_hash, staged_dir
 from opad.runtime import pick_device
 from opad.tiny import cache_root
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 ALL = "all"  # the subject of images scored without a manifest
 METRICS = ("dino", "clip_i", "clip_t")
 NOT_COMPARABLE = "tiny random encoders: these numbers are not comparable with any published ones"
@@ -77,23 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
 def real_sets(root: Path) -> dict[str, list[Path]]:
     """subject -> its photos: the folder's own images (one subject named after it) or a sub-folder each."""
     if not root.is_dir():
         raise OpadError(f"--real folder not found: {str(root)!r}")
-    own = _images_in(root)
+    own = image_files(root)
     if own:
         return {root.name: own}
-    sets = {p.name: _images_in(p) for p in sorted(root.iterdir()) if p.is_dir()}
+    sets = {p.name: image_files(p) for p in sorted(root.iterdir()) if p.is_dir()}
     sets = {name: files for name, files in sets.items() if files}
     if not sets:
         raise OpadError(f"--real folder {str(root)!r} has no images, in itself or in sub-folders")
@@ -121,7 +111,7 @@ def generated_images(folder: Path, manifest: Path | None, subjects: dict[str, li
     if not folder.is_dir():
         raise OpadError(f"--generated folder not found: {str(folder)!r}")
     if manifest is None:
-        files = _images_in(folder)
+        files = image_files(folder)
         if not files:
             raise OpadError(f"--generated folder {str(folder)!r} has no images")
         return [Generated(path, ALL) for path in files]

@@ -52,6 +52,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise OpadError(f"--num-images must be at least 1, got {args.num_images}")
     if not 0 <= args.seed <= MAX_SEED - (args.num_images - 1):
         raise OpadError(f"--seed must be in 0..{MAX_SEED} (image i uses seed + i), got {args.seed}")
+    check_output_options(args)
+
+
+def check_output_options(args: argparse.Namespace) -> None:
+    """``--resolution``, ``--out`` (with ``--overwrite``) and ``--concept``, as generate and the export take them."""
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise OpadError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     check_output_folder(args.out, args.overwrite)

@@ -179,11 +179,16 @@ def _job_argv(argv: list[str], subject: str, method: str) -> list[str]:
     return [sys.executable, "-m", "opad.reproduce", *argv, "--job", subject, method]
 
 
-def _spawn(argv: list[str], out: Path, subject: str, method: str, gpu: int | None) -> str | None:
-    """One job in its own process; None on success, else its error line (also in failed.json)."""
+def _fresh_job(out: Path, subject: str, method: str) -> Path:
     job = out / "runs" / subject / method
     job.mkdir(parents=True, exist_ok=True)
     (job / "failed.json").unlink(missing_ok=True)
+    return job
+
+
+def _spawn(args: argparse.Namespace, argv: list[str], subject: str, method: str, gpu: int | None) -> str | None:
+    """One job in its own process; None on success, else its error line (also in failed.json)."""
+    job = _fresh_job(Path(args.out), subject, method)
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -198,19 +203,16 @@ def _spawn(argv: list[str], out: Path, subject: str, method: str, gpu: int | Non
     return error
 
 
-def _in_process(args: argparse.Namespace, out: Path, subject: str, method: str, counter: str) -> None:
-    job = out / "runs" / subject / method
-    job.mkdir(parents=True, exist_ok=True)
-    (job / "failed.json").unlink(missing_ok=True)
-    print(f"{counter} {subject} / {method}: running", file=sys.stderr)
+def _in_process(args: argparse.Namespace, subject: str, method: str) -> str | None:
+    """One job in this process; None on success, else its error line (also in failed.json)."""
+    job = _fresh_job(Path(args.out), subject, method)
     try:
         run_job(args, subject, method)
     except Exception as e:  # noqa: BLE001 - one failure is recorded and the other jobs go on
-        error = f"error: {e}" if isinstance(e, OpadError) else f"error: {type(e).__name__}: {e}"
-        (job / "failed.json").write_text(json.dumps({"error": error.splitlines()[0]}))
-        print(f"{counter} {subject} / {method}: FAILED: {error.splitlines()[0]}", file=sys.stderr)
-        return
-    print(f"{counter} {subject} / {method}: done", file=sys.stderr)
+        error = (f"error: {e}" if isinstance(e, OpadError) else f"error: {type(e).__name__}: {e}").splitlines()[0]
+        (job / "failed.json").write_text(json.dumps({"error": error}))
+        return error
+    return None
 
 
 def _visible_gpus() -> int:
@@ -235,18 +237,17 @@ def run_harness(args: argparse.Namespace, argv: list[str]) -> Path:
 
     def one(job: tuple[str, str], index: int) -> None:
         gpu = free.pop()
+        tag = f"[{index}/{len(todo)}] {job[0]} / {job[1]}"
         try:
-            print(f"[{index}/{len(todo)}] {job[0]} / {job[1]}: running" + (f" on GPU {gpu}" if gpu is not None else ""),
-                  file=sys.stderr)
-            error = _spawn(argv, out, *job, gpu)
-            print(f"[{index}/{len(todo)}] {job[0]} / {job[1]}: " + ("done" if error is None else f"FAILED: {error}"),
-                  file=sys.stderr)
+            print(f"{tag}: running" + (f" on GPU {gpu}" if gpu is not None else ""), file=sys.stderr)
+            error = _in_process(args, *job) if args.in_process else _spawn(args, argv, *job, gpu)
+            print(f"{tag}: " + ("done" if error is None else f"FAILED: {error}"), file=sys.stderr)
         finally:
             free.append(gpu)
 
-    if args.in_process:
+    if args.in_process:  # on this (the main) thread: torch's thread pool and Ctrl-C stay where they belong
         for index, job in enumerate(todo, start=1):
-            _in_process(args, out, *job, f"[{index}/{len(todo)}]")
+            one(job, index)
     else:
         with ThreadPoolExecutor(len(slots)) as pool:
             list(pool.map(one, todo, range(1, len(todo) + 1)))

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 from exportutil import PROMPT, export, generate, make_concept
 from opad.export import serve
-from opad.export.batcher import ModelThread
 from opad.export.concept_store import ConceptStore
 from opad.export.runtime import Runner
-from opad.export.server_app import Settings, create_app
+from opad.export.server_app import Settings, build_app
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +35,8 @@ class LiveServer:
     """The app under uvicorn in a thread, on a port of its own."""
 
     def __init__(self, make_runner, concepts: Path | None, settings: Settings) -> None:
-        model = ModelThread()  # as the server does: the runner is built and used on one thread
-        runner = model.run(make_runner)
-        self.store = ConceptStore(concepts, runner)
-        model.run(self.store.scan)
-        self.settings = settings
-        self.server = serve.ThreadedServer(create_app(runner, self.store, settings, model))
+        self.settings = settings  # as the server does: the runner built and used on one thread
+        self.server = serve.ThreadedServer(build_app(make_runner, concepts, settings).app)
         self.port = self.server.port
         deadline = time.time() + 60
         while self.request("GET", "/ready")[0] != 200:
