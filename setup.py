@@ -82,6 +82,7 @@ setup(
         "timm>=1.0",
         "lpips>=0.1.4",
         "accelerate>=1.0",
+        "peft>=0.15",  # the LoRA baseline (--method lora) and loading LoRA concepts
         "numpy",
         "Pillow",
         "tqdm",

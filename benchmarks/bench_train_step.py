@@ -1,4 +1,5 @@
-"""Time each stage of one OPAD training iteration (and the whole iteration) on the current device.
+"""Time each stage of one OPAD training iteration (and the whole iteration) on the current device;
+with ``--method`` a baseline's (or teacher-first's) whole iteration.
 
 Stages: teacher step (forward, backward, optimizer), student UNet + VAE decode, the alignment
 target (teacher CFG x0 + decode), MS-SWD forward+backward, each discriminator's generator side
@@ -7,6 +8,7 @@ target (teacher CFG x0 + decode), MS-SWD forward+backward, each discriminator's 
 
     python benchmarks/bench_train_step.py                 # tiny preset, CPU or the GPU there is
     python benchmarks/bench_train_step.py --teacher DIR --student DIR --backbone-weights clip=FILE,...
+    python benchmarks/bench_train_step.py --method lora  # or custom-diffusion, dreambooth, textual-inversion
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from common import measure, write_rows
 from opad import losses
-from opad.config import TrainConfig
+from opad.config import METHODS, TrainConfig
 from opad.diffusion import add_noise, teacher_x0
 from opad.sampling import decode_latents
 from opad.trainer import StepOutcome, Trainer
@@ -35,17 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", default="paper", choices=["paper", "release"])
+    p.add_argument("--method", default="opad", choices=METHODS, help="another method: its whole iteration only")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(teacher=args.teacher, student=args.student, output_dir=out + "/run", device=args.device,
                           batch_size=args.batch_size, resolution=args.resolution, collab_start=None,
-                          profile=args.profile,
+                          profile=args.profile, method=args.method,
                           backbone_weights=[s for s in args.backbone_weights.split(",") if s])
         tr = Trainer(cfg, progress=False)
         b, dev, n = tr.bundle, tr.device, args.batch_size
-        batch = tr.next_batch()
-        cond = tr._encode(b.text_encoder, batch.prompts).detach()
         shape = f"b{n}x{tr.resolution}px,{args.profile}"
         rows = []
 
@@ -54,11 +55,18 @@ def main(argv: list[str] | None = None) -> int:
                          **measure(fn, dev, repeats=args.repeats)})
             print(f"{name:28s} {rows[-1]['median_ms']:9.1f} ms", file=sys.stderr)
 
+        if args.method != "opad":
+            add(f"iteration[{args.method}]", tr.iteration)
+            print(f"wrote {len(rows)} rows to {write_rows(rows, dev)}")
+            return 0
+        batch = tr.method.next_batch()
+        cond = tr._encode(b.text_encoder, batch.prompts).detach()
         add("iteration", tr.iteration)
-        add("teacher_step", lambda: tr.teacher_step(batch, tr._encode(b.text_encoder, batch.prompts), StepOutcome()))
+        m = tr.method
+        add("teacher_step", lambda: m.teacher_step(batch, tr._encode(b.text_encoder, batch.prompts), StepOutcome()))
 
         def student_image():
-            return tr.student_one_step(cond, "student", clamp=False)  # losses see the raw output
+            return tr.method.student_one_step(cond, "student", clamp=False)  # losses see the raw output
 
         add("student_unet_decode", student_image)
         z_st, image = student_image()
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         def alignment_target():
             with tr.accelerator.autocast():
                 z = add_noise(z_st, torch.randn_like(z_st), t2.cpu(), tsched.alphas_cumprod)
-                z_tc = teacher_x0(b.teacher_unet, z, t2, cond, tr.uncond, tsched.alphas_cumprod,
+                z_tc = teacher_x0(b.teacher_unet, z, t2, cond, tr.method.uncond, tsched.alphas_cumprod,
                                   tsched.config.prediction_type, cfg.guidance_scale)
                 return decode_latents(b, z_tc, clamp=False)
 
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         add("ms_swd_fwd_bwd", swd)
         real = tr.data.real_images(n, torch.Generator().manual_seed(1)).to(dev)
         for name in cfg.discriminators:
-            backbone, head = tr.backbones[name], tr.heads[name]
+            backbone, head = tr.method.backbones[name], tr.method.heads[name]
 
             def g_side():
                 x = image.clone().requires_grad_(True)
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             add(f"G_{name}", g_side)
             add(f"D_{name}", d_side)
-        for opt_name, opt in (("teacher", tr.opt_teacher), ("student", tr.opt_student), ("heads", tr.opt_heads)):
+        for opt_name, opt in (("teacher", m.opt_teacher), ("student", m.opt_student), ("heads", m.opt_heads)):
             for group in opt.param_groups:
                 for param in group["params"]:
                     param.grad = torch.randn_like(param) * 1e-3

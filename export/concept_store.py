@@ -4,8 +4,9 @@ A concept id is a plain name (letters, digits, ``.``, ``_``, ``-``; no ``..``): 
 refused before the file system is touched. ``DIR/NAME/`` holds a concept in the trainer's format
 (or is a whole trainer output folder with the concept in ``DIR/NAME/concept/``). A folder that
 holds a pickle file, or whose files do not load, is skipped with one log line and retried only
-when its files change; the others keep serving. The store is not thread-safe: the server calls it
-on the model thread, which also owns the runner.
+when its files change; the others keep serving. So is a lora or unet concept: it changes UNet
+weights outside the cross-attention K/V the served concepts share (export it alone instead).
+The store is not thread-safe: the server calls it on the model thread, which also owns the runner.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from opad.export.runtime import Runner
 
 from opad.errors import OpadError
-from opad.models.concept import WEIGHTS_NAME
+from opad.models.concept import META_NAME, WEIGHTS_NAME
 
 BASE = "base"  # the student without a concept
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -50,7 +51,8 @@ class ConceptStore:
         here = self.root / name
         if not here.is_dir():
             return None
-        folder = here / "concept" if (here / "concept" / WEIGHTS_NAME).is_file() else here
+        inner = here / "concept"
+        folder = inner if (inner / META_NAME).is_file() or (inner / WEIGHTS_NAME).is_file() else here
         if not folder.resolve().is_relative_to(self.root):  # a link leading out of --concepts
             raise OpadError(f"{here} leads outside {self.root}")
         return folder

@@ -5,6 +5,8 @@ Writes into --out (all or nothing)::
 
     conditioning.onnx            (a) token embeddings -> every cross-attention K/V (this concept's)
     denoise_decode_{N}step.onnx  (b) noise + K/V -> image, concept-agnostic: one file serves every concept
+                                 (a lora or unet concept changes weights in it too: that export's (b)
+                                 bakes the concept in and serves it alone; export.json says so)
     single_{N}step.onnx          (c) token embeddings + noise -> image (the classic one graph)
     token_embeddings.npy         the (vocab, D) table token ids are looked up in (the concept's rows
                                  included; the lookup stays outside so a new token never changes a shape)
@@ -36,7 +38,7 @@ from opad.export.trt_plan import parse_range
 from opad.fsutil import staged_dir
 from opad.generate import check_output_options
 from opad.models.attention import cross_attention_layers
-from opad.models.concept import load_concept
+from opad.models.concept import KV_FORMATS, concept_format, load_concept
 from opad.models.loading import ModelBundle, load_models
 from opad.runtime import pick_device
 from opad.sampling import STUDENT_STEPS, initial_noise
@@ -193,6 +195,7 @@ def export_onnx(args: argparse.Namespace) -> Path:
     bundle = load_models(student=args.student, device=device, dtype=dtype, load_teacher=False)
     tokens = load_concept(args.concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder) \
         if args.concept else []
+    fmt = concept_format(args.concept) if args.concept else None
     resolution = args.resolution or bundle.default_resolution
     layers = len(cross_attention_layers(bundle.student_unet))
     names = kv_names(layers)
@@ -239,6 +242,9 @@ def export_onnx(args: argparse.Namespace) -> Path:
             "concept_id": concept_id(args.concept),
             "concept": str(Path(args.concept).resolve()) if args.concept else None,
             "concept_tokens": tokens,
+            "concept_format": fmt,
+            # what graph (b) holds beyond the base student: a lora/unet concept is merged into it
+            "denoiser_concept": "base" if fmt in (None, *KV_FORMATS) else concept_id(args.concept),
             "precision": precision,
             "steps": steps_list,
             "batch": list(batch),

@@ -1,6 +1,7 @@
 """The exported graphs as torch modules (DESIGN.md §5), split at the concept boundary.
 
-A concept changes only the cross-attention K/V weights and token rows, so:
+A Custom Diffusion or textual-inversion concept changes only the cross-attention K/V weights and
+token rows, so:
 
 - :class:`ConditioningGraph` (a): token embeddings (B, 77, D) -> text encoder -> every
   cross-attention layer's K and V, head-split (B, heads, 77, head_dim). It holds everything a
@@ -8,8 +9,9 @@ A concept changes only the cross-attention K/V weights and token rows, so:
   changes a shape.
 - :class:`DenoiseDecodeGraph` (b): noise + the per-layer K/V -> the student UNet at its fixed
   timestep(s) (a 2- or 4-step student unrolled) -> x0 -> VAE decode -> the uint8 NHWC image, and
-  the float image in [0, 1] before quantization (for parity checks). No concept-owned weight is
-  in it, so one file serves every concept.
+  the float image in [0, 1] before quantization (for parity checks). No such concept's weight is
+  in it, so one file serves every one of them. (A lora or unet concept changes UNet weights too:
+  exported with one, this graph holds it and serves that concept alone.)
 - :class:`SingleGraph` (c): token embeddings -> image, the classic one-graph export.
 
 Each equals :func:`opad.sampling.sample_student` on the same noise (tests check it).

@@ -15,7 +15,8 @@ concepts.
   Within one level of 255 of ``eager``.
 - ``onnxruntime``: the files of ``python export/export_onnx.py``, one export folder per concept
   (their denoise+decode graphs are interchangeable; the first folder's is used for all). Within
-  1e-3 of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding.
+  1e-3 of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding. An export of
+  a lora or unet concept bakes it into its denoise+decode graph and runs alone.
 - ``tensorrt``: the engines of ``python export/build_trt.py`` -- the conditioning engine refitted
   per concept with every K/V weight (the refit map), the denoise+decode engine replayed as a CUDA
   graph per (steps, batch). **Unverified**: TensorRT cannot be installed where opad is developed;
@@ -221,6 +222,10 @@ class _Eager:
         if made_from and source.is_dir() and folder_hashes(source) != made_from:
             raise OpadError(f"the export was made from another student than {source}; export this student "
                             "(export/export_onnx.py --student ...)")
+        if denoiser.denoiser_concept != "base":
+            raise OpadError(f"the export bakes concept {denoiser.denoiser_concept!r} into its denoise graph, so it "
+                            "cannot serve other concepts; export the base student (export/export_onnx.py without "
+                            "--concept) to serve concepts")
         if denoiser.resolution != self.resolution:
             raise OpadError(f"the export is for {denoiser.resolution} px but the student's native size is "
                             f"{self.resolution} px")
@@ -296,6 +301,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _baked(record: dict) -> str:
+    """The concept an export's denoise+decode graph holds (a lora/unet one), or "base"."""
+    return record.get("denoiser_concept") or "base"
+
+
 def _rows(t: np.ndarray, start: int, n: int, pad: int) -> np.ndarray:
     """Rows start..start+n of a batch, the last repeated ``pad`` more times."""
     part = t[start:start + n]
@@ -317,6 +327,12 @@ class _OnnxRuntime:
             self.records[name] = record
         first_name = next(iter(folders))
         first = self.records[first_name]
+        baked = [name for name, record in self.records.items() if _baked(record) != "base"]
+        if baked and len(folders) > 1:
+            fmt = self.records[baked[0]].get("concept_format")
+            raise OpadError(f"export {folders[baked[0]]} bakes its {fmt} concept into its denoise graph, so it "
+                            "serves that concept alone; run it as the only export")
+        self.denoiser_concept = _baked(first)
         for name, record in self.records.items():  # one denoise+decode graph serves them all
             for field in ("student_hashes", "precision", "resolution", "shapes", "batch"):
                 if record[field] != first[field]:
@@ -389,6 +405,10 @@ class _TensorRT:
         self.record = json.loads((folder / ENGINES).read_text())
         if not self.record.get("built"):
             raise OpadError(f"{engines} holds a --plan-only build: no engines to run")
+        self.denoiser_concept = _baked(self.record)
+        if self.denoiser_concept != "base":  # its base conditioning below would be the plain student's
+            raise OpadError(f"{engines} were built from an export with a {self.record.get('concept_format')} "
+                            "concept baked into its denoise graph; run that export with the onnxruntime backend")
         entries = json.loads((folder / REFIT_MAP).read_text())
         # tokenizers, token tables and each concept's refit weights come from the student itself
         self.cpu = _Eager(self.record["student"], concepts, "cpu", "float32")

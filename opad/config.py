@@ -23,6 +23,17 @@ ID_ENCODERS = DISCRIMINATORS
 RESIZE_MODES = ("antialias", "area", "bilinear")
 MAX_SEED = 2**32 - 1
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# --method: OPAD, its teacher-first variant, and the paper's Table-5 baselines on the student alone
+METHODS = ("opad", "teacher-first", "custom-diffusion", "dreambooth", "lora", "textual-inversion")
+BASELINES = ("custom-diffusion", "dreambooth", "lora", "textual-inversion")
+# Real-model defaults per method: iterations as in the paper's Table 5; learning rates as each
+# method's reference script (diffusers' examples: Custom Diffusion's 1e-5 scaled by batch size,
+# DreamBooth 5e-6, LoRA 1e-4, textual inversion 5e-4).
+METHOD_STEPS = {"opad": 1000, "teacher-first": 1000, "custom-diffusion": 1000, "dreambooth": 1000, "lora": 800,
+                "textual-inversion": 4000}
+METHOD_LR = {"opad": 1e-5, "teacher-first": 1e-5, "custom-diffusion": 1e-5, "dreambooth": 5e-6, "lora": 1e-4,
+             "textual-inversion": 5e-4}
+LR_PER_IMAGE = ("opad", "teacher-first", "custom-diffusion")  # their learning rate is per image of the batch
 
 
 class _FromProfile:
@@ -49,6 +60,10 @@ def _p(help: str, **kw):
 
 @dataclass
 class TrainConfig:
+    method: str = _f("opad", "training method: opad (the paper's), teacher-first (paper Table 6), or a Table-5 "
+                     "baseline on the student alone: custom-diffusion (K/V + token), dreambooth (the whole "
+                     "UNet), lora (UNet LoRA through peft), textual-inversion (the token only); the baselines "
+                     "use no teacher, discriminators or collaborative stage", choices=METHODS)
     profile: str = _f("paper", "default set: paper (Algorithm 1 + collaborative stage) or release (the authors' "
                       "train_opad.py, point by point); each flag still overrides it", choices=PROFILES)
     # models and data
@@ -78,10 +93,13 @@ class TrainConfig:
     seed: int = _f(0, "seed of every random draw (data, noise, timesteps, projections, heads)")
 
     # schedule
-    max_steps: int | None = _f(None, "training iterations (default: 1000; 150 on the tiny preset)")
+    max_steps: int | None = _f(None, "training iterations (default: the paper's per --method: 1000, lora 800, "
+                               "textual-inversion 4000; 150 on the tiny preset)")
     batch_size: int = _f(2, "images per iteration")
     teacher_lr: float = _f(1e-5, "teacher K/V and token learning rate")
-    student_lr: float | None = _f(None, "student K/V learning rate (default: 1e-5 x batch size)")
+    student_lr: float | None = _f(None, "student learning rate (default per --method: opad, teacher-first and "
+                                  "custom-diffusion 1e-5 x batch size; dreambooth 5e-6; lora 1e-4; "
+                                  "textual-inversion 5e-4)")
     head_lr: float = _f(1e-4, "discriminator heads learning rate")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -150,6 +168,10 @@ class TrainConfig:
     teacher_first_samples: int = _f(16, "teacher samples over the training prompts for --teacher-first")
     teacher_first_sample_steps: int = _f(25, "teacher DDIM steps per sample for --teacher-first")
 
+    # baselines
+    lora_rank: int = _f(4, "LoRA rank of --method lora (to_q/to_k/to_v/to_out of every attention layer)")
+    lora_alpha: float | None = _f(None, "LoRA alpha of --method lora (default: the rank, i.e. scale 1)")
+
     # outputs and robustness
     preview_every: int = _f(50, "write a preview grid every N steps (and at step 0)")
     preview_prompts: list[str] = _f([], "preview prompts, '{}' is the token + class (default: 2 templates)")
@@ -172,8 +194,16 @@ class TrainConfig:
     def resolved(self, *, tiny: bool) -> "TrainConfig":
         """A copy with the profile's and the models' defaults filled in (what config.json records)."""
         c = self.with_profile()
-        c.max_steps = c.max_steps or (150 if tiny else 1000)
-        c.student_lr = c.student_lr if c.student_lr is not None else 1e-5 * c.batch_size
+        if c.teacher_first:  # --teacher-first is --method teacher-first
+            c.method = "teacher-first"
+        c.teacher_first = c.method == "teacher-first"
+        c.max_steps = c.max_steps or (150 if tiny else METHOD_STEPS[c.method])
+        if c.student_lr is None:
+            c.student_lr = METHOD_LR[c.method] * (c.batch_size if c.method in LR_PER_IMAGE else 1)
+        if c.method in BASELINES:  # the student alone: OPAD's teacher, heads and stage stay off
+            c.use_teacher, c.discriminators, c.collab_start = False, [], None
+        if c.lora_alpha is None and c.method == "lora":
+            c.lora_alpha = float(c.lora_rank)
         if c.teacher_first:  # the baseline has no discriminators and no collaborative stage
             c.teacher_first_steps = c.teacher_first_steps or c.max_steps // 2
             c.discriminators, c.collab_start = [], None
@@ -226,7 +256,12 @@ class TrainConfig:
             raise OpadError(f"--swd-patch must be odd (a patch centred on each pixel), got {c.swd_patch}")
         if not DEVICE_PATTERN.match(c.device):
             raise OpadError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-        if c.teacher_first:
+        if c.teacher_first and c.method not in ("opad", "teacher-first"):
+            raise OpadError(f"--teacher-first is --method teacher-first; it cannot be combined with "
+                            f"--method {c.method}")
+        if c.lora_rank < 1:
+            raise OpadError(f"--lora-rank must be at least 1, got {c.lora_rank}")
+        if c.teacher_first or c.method == "teacher-first":
             if not c.use_teacher:
                 raise OpadError("--teacher-first needs the teacher; it cannot be combined with --use-teacher false")
             if c.teacher_first_steps is not None and c.teacher_first_steps < 1:

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: tiny preset)")
-    p.add_argument("--concept", default=None, help="concept folder written by opad.train (Custom Diffusion format)")
+    p.add_argument("--concept", default=None, help="concept folder written by opad.train (any of its formats: "
+                   "custom-diffusion, lora, unet, textual-inversion)")
     p.add_argument("--prompt", default="a photo of a dog", help="text prompt; use the concept's token, e.g. '<new1>'")
     p.add_argument("--steps", type=int, choices=STUDENT_STEPS, default=1, help="student sampling steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")

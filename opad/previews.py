@@ -35,9 +35,10 @@ def write_preview(trainer: "Trainer", step: int) -> Path:
     """``samples/step-NNNNNN.png``; fixed seeds (one per prompt), so grids compare across steps."""
     cfg, bundle = trainer.cfg, trainer.bundle
     rows = []
+    encoder = trainer.method.student_text_encoder
     for i, prompt in enumerate(trainer.preview_prompts()):
         row = [to_pil(sample_student(bundle, [prompt], steps=1, generator=torch.Generator().manual_seed(i),
-                                     resolution=trainer.resolution, text_encoder=trainer.student_text_encoder))[0]]
+                                     resolution=trainer.resolution, text_encoder=encoder))[0]]
         if cfg.use_teacher:
             row += to_pil(sample_teacher(bundle, [prompt], steps=cfg.preview_teacher_steps, guidance_scale=cfg.guidance_scale,
                                          generator=torch.Generator().manual_seed(i), resolution=trainer.resolution))

@@ -27,16 +27,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from opad.config import METHODS
 from opad.dreambench import read_dreambench
 from opad.errors import OpadError
 from opad.eval_metrics import bootstrap_interval
 
 DEFAULT_DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "dreambooth"
-# method -> the trainer flags that select it (the baselines of the evaluation issue join here)
-METHODS = {"opad": [], "teacher-first": ["--teacher-first"]}
 PAPER = {  # Table 5 (SD-Turbo, 1 step): CLIP-T, CLIP-I, DINO
     "opad": (0.252, 0.783, 0.637), "custom-diffusion": (0.207, 0.530, 0.097), "dreambooth": (0.188, 0.536, 0.111),
-    "lora": (0.212, 0.585, 0.160), "teacher-first": (0.266, 0.725, 0.503),
+    "lora": (0.212, 0.585, 0.160), "textual-inversion": (0.252, 0.564, 0.166), "teacher-first": (0.266, 0.725, 0.503),
 }
 METRICS = ("clip_t", "clip_i", "dino")
 
@@ -86,8 +85,7 @@ def check_args(args: argparse.Namespace):
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
-            raise OpadError(f"unknown method {m!r}; available: {', '.join(METHODS)} (the baselines custom-diffusion, "
-                            "dreambooth, lora and textual-inversion are not built yet)")
+            raise OpadError(f"unknown method {m!r}; available: {', '.join(METHODS)}")
     for flag, value, low in (("--prompts", args.prompts, 1), ("--seeds", args.seeds, 1)):
         if value < low:
             raise OpadError(f"{flag} must be at least {low}, got {value}")
@@ -109,7 +107,7 @@ def run_job(args: argparse.Namespace, subject: str, method: str) -> dict:
     trained = job / "trained.json"
     if not trained.is_file():
         argv = ["--instance-dir", str(root / subject), "--class-name", bench.classes[subject],
-                "--output-dir", str(train_dir), *METHODS[method], *args.train_arg]
+                "--output-dir", str(train_dir), "--method", method, *args.train_arg]
         argv += ["--teacher", args.teacher] if args.teacher else []
         argv += ["--student", args.student] if args.student else []
         argv += ["--max-steps", str(args.max_steps)] if args.max_steps else []
@@ -117,7 +115,6 @@ def run_job(args: argparse.Namespace, subject: str, method: str) -> dict:
             argv.append("--resume")  # an interrupted job continues where it stopped
         elif train_dir.exists():
             argv.append("--overwrite")
-        start = time.perf_counter()
         try:
             trainer = train.run(argv)
         except OSError as e:  # disk full, permissions: the job fails, the others go on
@@ -126,7 +123,8 @@ def run_job(args: argparse.Namespace, subject: str, method: str) -> dict:
             raise OpadError(f"training {subject} / {method} was interrupted at step {trainer.step}; "
                             "run again to resume")
         config = json.loads((train_dir / "config.json").read_text())
-        trained.write_text(json.dumps({"train_s": time.perf_counter() - start, "iterations": config["max_steps"],
+        # every segment of a resumed job, not only the last one
+        trained.write_text(json.dumps({"train_s": trainer.train_seconds, "iterations": config["max_steps"],
                                        "token": config["token"]}))
     record = json.loads(trained.read_text())
     prompts = bench.prompts_for(subject, record["token"])[:args.prompts]
@@ -150,22 +148,38 @@ def run_job(args: argparse.Namespace, subject: str, method: str) -> dict:
 
 
 def _generate(args, concept: Path, subject: str, prompts: list[str], steps: int, folder: Path) -> float:
-    """Every prompt x seed as NN_seedS.png with a manifest; returns the mean seconds per image."""
-    from opad.export.runtime import Runner
-    from opad.fsutil import staged_dir
+    """Every prompt x seed as NN_seedS.png with a manifest, one image at a time as
+    ``opad.generate --seed S`` makes it (any concept format); returns the mean seconds per image."""
+    import torch
 
-    runner = Runner("eager", student=args.student, concepts={subject: str(concept)})
-    runner.generate(prompts[0], subject, seed=0, steps=steps)  # warm-up, not timed
+    from opad.fsutil import staged_dir
+    from opad.generate import to_pil
+    from opad.models.concept import load_concept
+    from opad.models.loading import load_models
+    from opad.runtime import pick_device, pick_dtype
+    from opad.sampling import sample_student
+
+    device = pick_device("auto")
+    bundle = load_models(student=args.student, device=device, dtype=pick_dtype("auto", device), load_teacher=False)
+    load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
+
+    def image(prompt: str, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        return to_pil(sample_student(bundle, [prompt], steps=steps, generator=generator))[0]
+
+    image(prompts[0], 0)  # warm-up, not timed
     seconds = 0.0
     with staged_dir(folder, replace=True) as tmp:
         rows = []
         for i, prompt in enumerate(prompts):
-            start = time.perf_counter()
-            images = runner.generate(prompt, subject, seed=0, steps=steps, batch=args.seeds)
-            seconds += time.perf_counter() - start
-            for seed, image in enumerate(images):
+            for seed in range(args.seeds):
+                start = time.perf_counter()
+                picture = image(prompt, seed)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds += time.perf_counter() - start
                 name = f"{i:02d}_seed{seed}.png"
-                Image.fromarray(image).save(tmp / name)
+                picture.save(tmp / name)
                 rows.append({"file": name, "subject": subject, "prompt": prompt, "seed": seed})
         with (tmp / "manifest.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["file", "subject", "prompt", "seed"])

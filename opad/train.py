@@ -1,4 +1,5 @@
-"""``python -m opad.train``: train a one-step concept with OPAD (teacher + student + discriminators)."""
+"""``python -m opad.train``: train a one-step concept with OPAD (teacher + student + discriminators),
+or with a baseline method (``--method``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         "jointly with a multi-step teacher (SD 2.1-like) and an ensemble of discriminators (OPAD). With no "
         "arguments: the tiny offline preset and a bundled example concept, written to ./opad-output. Outputs: "
         "concept/ (student, Custom Diffusion format), teacher_concept/, samples/, log.csv, tensorboard/, "
-        "loss_curve.png, checkpoints/, config.json. Ctrl-C writes a checkpoint; --resume continues.",
+        "loss_curve.png, checkpoints/, config.json. Ctrl-C writes a checkpoint; --resume continues. --method "
+        "picks a baseline instead (custom-diffusion, dreambooth, lora, textual-inversion: the student alone) or "
+        "teacher-first; each writes concept/ in its own format (see --method).",
     )
     p.add_argument("--config", default=None, help="JSON or YAML file of the fields below; flags override it")
     add_config_arguments(p)

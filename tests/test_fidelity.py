@@ -36,7 +36,7 @@ def test_out_of_range_pixels_get_gradient_from_every_loss_term(tiny_dir, tmp_pat
     trainer = make_trainer(tmp_path / "run", lpips_weight=1.0)
     seen = _push_student_pixels_out_of_range(trainer, monkeypatch)
     cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
-    terms = trainer.student_forward(PROMPTS, cond, cond).terms
+    terms = trainer.method.student_forward(PROMPTS, cond, cond).terms
     image_terms = ["id", "swd", "lpips"] + [f"adv_{n}" for n in ("dino_v1", "dino_v2", "clip")]
     assert set(image_terms) <= set(terms)
     for name in image_terms:
@@ -48,8 +48,8 @@ def test_out_of_range_pixels_get_gradient_from_every_loss_term(tiny_dir, tmp_pat
 def test_saved_and_buffered_images_stay_clamped(tiny_dir, tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path / "run", collab_start=0.0, collab_buffer=2)
     _push_student_pixels_out_of_range(trainer, monkeypatch)
-    trainer.refresh_collab_buffer()  # no grad: the hook leaves it alone, so push through the sampler's decode
-    assert 0 <= trainer.collab_images.min() and trainer.collab_images.max() <= 1
+    trainer.method.refresh_collab_buffer()  # no grad: the hook leaves it alone, so push through the sampler's decode
+    assert 0 <= trainer.method.collab_images.min() and trainer.method.collab_images.max() <= 1
     images = sample_student(trainer.bundle, PROMPTS, generator=torch.Generator().manual_seed(0))
     assert 0 <= images.min() and images.max() <= 1
 
@@ -117,16 +117,16 @@ def test_half_precision_weights_sample_at_every_step_count(tiny_dir):
 def _head_grads(trainer, fake):
     """The gradient each head's parameters receive in one discriminator step, captured at opt.step."""
     grads = {}
-    real_step = trainer.opt_heads.step
+    real_step = trainer.method.opt_heads.step
 
     def step(*a, **k):
-        for name, head in trainer.heads.items():
+        for name, head in trainer.method.heads.items():
             grads[name] = torch.cat([p.grad.flatten().clone() for p in head.parameters()])
         return real_step(*a, **k)
 
-    trainer.opt_heads.step = step
-    trainer.discriminator_step(fake, StepOutcome())
-    trainer.opt_heads.step = real_step
+    trainer.method.opt_heads.step = step
+    trainer.method.discriminator_step(fake, StepOutcome())
+    trainer.method.opt_heads.step = real_step
     return grads
 
 
@@ -138,14 +138,14 @@ def test_heads_are_clipped_one_by_one_and_not_by_default(tiny_dir, tmp_path, lim
     trainer = make_trainer(tmp_path / "run", **kw)
     assert trainer.cfg.head_max_grad_norm == limit  # 0 (off) is the default
     g = torch.Generator().manual_seed(0)
-    fake = {n: 50 * torch.randn(2, trainer.backbones[n].feature_dim, generator=g) for n in trainer.heads}
+    fake = {n: 50 * torch.randn(2, trainer.method.backbones[n].feature_dim, generator=g) for n in trainer.method.heads}
     gens = {k: v.get_state() for k, v in trainer.generators.items()}
     raw = _head_grads(make_trainer(tmp_path / "ref", discriminators=["dino_v1", "clip"], head_lr=0.0,
                                    max_grad_norm=0.0), fake)
     for k, v in gens.items():
         trainer.generators[k].set_state(v)
     got = _head_grads(trainer, fake)
-    for name in trainer.heads:
+    for name in trainer.method.heads:
         expected = raw[name] * min(1.0, limit / raw[name].norm().item()) if limit else raw[name]
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-9)
 
@@ -165,11 +165,11 @@ def test_shrunk_photo_is_pasted_on_grey():
 # 5. Without the teacher the student's loss trains the shared token -------------------------------
 def test_without_the_teacher_the_student_loss_trains_the_token(tiny_dir, tmp_path):
     trainer = make_trainer(tmp_path / "run", use_teacher=False, student_lr=1e-2)
-    before = trainer.teacher_tokens.rows.detach().clone()
+    before = trainer.method.teacher_tokens.rows.detach().clone()
     table = trainer.bundle.text_encoder.get_input_embeddings().weight
     table_before = table.detach().clone()
     trainer.iteration()
-    assert not torch.equal(before, trainer.teacher_tokens.rows)
+    assert not torch.equal(before, trainer.method.teacher_tokens.rows)
     changed_rows = torch.nonzero((table_before != table).any(1)).flatten().tolist()
     assert changed_rows == trainer.token_ids  # written back, and only that row
 
@@ -185,7 +185,7 @@ def test_teacher_first_trains_the_teacher_then_the_student_on_its_samples(tiny_d
     from trainutil import changed, kv_names, snapshot
 
     trainer = make_trainer(tmp_path / "run", **TEACHER_FIRST)
-    assert trainer.cfg.discriminators == [] and trainer.cfg.collab_start is None and not trainer.heads
+    assert trainer.cfg.discriminators == [] and trainer.cfg.collab_start is None and not trainer.method.heads
     b = trainer.bundle
     s0 = snapshot(trainer)
     trainer.iteration()  # step 0: the teacher alone
@@ -209,7 +209,7 @@ def test_teacher_first_student_phase_moves_only_the_student(tiny_dir, tmp_path):
 
     trainer = make_trainer(tmp_path / "run", **TEACHER_FIRST)
     trainer.step = 2
-    trainer.sample_teacher_set()
+    trainer.method.sample_teacher_set()
     s0 = snapshot(trainer)
     values = trainer.iteration().values
     assert set(values) >= {"loss/id", "loss/student", "grad_norm/student"} and "loss/teacher" not in values
@@ -222,8 +222,8 @@ def test_teacher_first_resumes_bit_exact_across_the_phase_boundary(tiny_dir, tmp
     make_trainer(tmp_path / "split", **TEACHER_FIRST).train(until=3)
     resumed = make_trainer(tmp_path / "split", resume=True, **TEACHER_FIRST)
     resumed.train()
-    assert torch.equal(straight.teacher_set_images, resumed.teacher_set_images)
-    assert all(torch.equal(a, b) for a, b in zip(straight.student_kv, resumed.student_kv))
+    assert torch.equal(straight.method.teacher_set_images, resumed.method.teacher_set_images)
+    assert all(torch.equal(a, b) for a, b in zip(straight.method.student_kv, resumed.method.student_kv))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import opad.trainer as trainer_module
+import opad.methods.base as method_base
+import opad.methods.opad as opad_method
 from opad import losses
 from opad.config import FROM_PROFILE, TrainConfig
 from opad.data import RELEASE_TEMPLATES, TEMPLATES, ConceptData, load_images
@@ -57,7 +58,7 @@ def test_swd_weights_keep_the_same_pull():
 # the same noise tensor reaches the teacher step, the student's x_T and the re-noising -------------
 def _noises(trainer, monkeypatch):
     seen = []
-    real_add_noise, real_denoise = trainer_module.add_noise, trainer_module.student_denoise
+    real_add_noise, real_denoise = opad_method.add_noise, opad_method.student_denoise
 
     def add_noise(x0, noise, t, ac):
         seen.append(("add_noise", noise))
@@ -67,8 +68,9 @@ def _noises(trainer, monkeypatch):
         seen.append(("x_T", noise))
         return real_denoise(bundle, cond, noise, steps)
 
-    monkeypatch.setattr(trainer_module, "add_noise", add_noise)
-    monkeypatch.setattr(trainer_module, "student_denoise", student_denoise)
+    monkeypatch.setattr(method_base, "add_noise", add_noise)  # the teacher's loss
+    monkeypatch.setattr(opad_method, "add_noise", add_noise)  # the re-noising
+    monkeypatch.setattr(opad_method, "student_denoise", student_denoise)
     trainer.iteration()
     return seen
 
@@ -147,22 +149,22 @@ def test_epoch_sampling_visits_every_pair_once_per_epoch_and_reshuffles():
 def test_release_teacher_loss_is_the_channel_sum(tiny_dir, tmp_path):
     paper = make_trainer(tmp_path / "a", discriminators=["clip"])
     release = make_trainer(tmp_path / "b", discriminators=["clip"], teacher_loss_channels="sum")
-    batch = paper.next_batch()
+    batch = paper.method.next_batch()
     cond = paper._encode(paper.bundle.text_encoder, batch.prompts)
-    mean = paper._teacher_loss(batch, cond)
-    total = release._teacher_loss(batch, cond)
+    mean = paper.method._teacher_loss(batch, cond)
+    total = release.method._teacher_loss(batch, cond)
     assert total.item() == pytest.approx(4 * mean.item(), rel=1e-5)
 
 
 def test_release_discriminators_take_the_augmented_batch_as_real(tiny_dir, tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path / "run", profile="release", discriminators=["dino_v1"])
-    assert trainer.backbones["dino_v1"].normalize is False and trainer.backbones["dino_v1"].resize == "area"
+    assert trainer.method.backbones["dino_v1"].normalize is False and trainer.method.backbones["dino_v1"].resize == "area"
     monkeypatch.setattr(trainer.data, "real_images", lambda *a: pytest.fail("release must not draw photos"))
     inputs = []
-    trainer.backbones["dino_v1"].encoder.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
-    batch = trainer.next_batch()
-    fake = {"dino_v1": torch.randn(2, trainer.backbones["dino_v1"].feature_dim)}
-    trainer.discriminator_step(fake, StepOutcome(), batch)
+    trainer.method.backbones["dino_v1"].encoder.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    batch = trainer.method.next_batch()
+    fake = {"dino_v1": torch.randn(2, trainer.method.backbones["dino_v1"].feature_dim)}
+    trainer.method.discriminator_step(fake, StepOutcome(), batch)
     expected = torch.nn.functional.interpolate((batch.pixels + 1) / 2, size=(224, 224), mode="area") * 2 - 1
     torch.testing.assert_close(inputs[-1], expected)
 
@@ -172,7 +174,7 @@ def test_release_lpips_is_alexnet_and_paper_vgg(tiny_dir, tmp_path):
 
     release = make_trainer(tmp_path / "a", profile="release", lpips_weight=1.0, discriminators=["clip"])
     paper = make_trainer(tmp_path / "b", lpips_weight=1.0, discriminators=["clip"])
-    assert isinstance(release.lpips.net, nets.alexnet) and isinstance(paper.lpips.net, nets.vgg16)
+    assert isinstance(release.method.lpips.net, nets.alexnet) and isinstance(paper.method.lpips.net, nets.vgg16)
 
 
 @pytest.mark.parametrize("profile", ["paper", "release"])
@@ -182,7 +184,7 @@ def test_mswd_sees_signed_images_only_in_release(tiny_dir, tmp_path, monkeypatch
     real = losses.ms_swd
     monkeypatch.setattr(losses, "ms_swd", lambda x, y, **kw: seen.update(x=x, y=y) or real(x, y, **kw))
     cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
-    result = trainer.student_forward(PROMPTS, cond, cond)
+    result = trainer.method.student_forward(PROMPTS, cond, cond)
     scale = (2, -1) if profile == "release" else (1, 0)
     torch.testing.assert_close(seen["x"].detach(), result.image * scale[0] + scale[1])
     torch.testing.assert_close(seen["y"], result.image_tc * scale[0] + scale[1])
@@ -191,11 +193,11 @@ def test_mswd_sees_signed_images_only_in_release(tiny_dir, tmp_path, monkeypatch
 def test_release_identity_input_is_resized_on_its_own(tiny_dir, tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path / "run", profile="release")
     modes = []
-    clip = trainer.backbones["clip"]
+    clip = trainer.method.backbones["clip"]
     real_spec = clip.input_spec
     monkeypatch.setattr(clip, "input_spec", lambda resize=None: modes.append(resize) or real_spec(resize))
     cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
-    trainer.student_forward(PROMPTS, cond, cond)
+    trainer.method.student_forward(PROMPTS, cond, cond)
     assert modes == [None, "bilinear", "bilinear"]  # the discriminator pass (area), student id, teacher id
 
 
@@ -203,9 +205,9 @@ def test_release_identity_input_is_resized_on_its_own(tiny_dir, tmp_path, monkey
 def test_remove_ste_student_token(tiny_dir, tmp_path, profile, trains):
     trainer = make_trainer(tmp_path / "run", profile=profile, shared_text_encoder=False, student_lr=1e-2,
                            discriminators=["clip"])
-    before = trainer.student_tokens.rows.detach().clone()
+    before = trainer.method.student_tokens.rows.detach().clone()
     trainer.iteration()
-    assert (not torch.equal(before, trainer.student_tokens.rows)) == trains
+    assert (not torch.equal(before, trainer.method.student_tokens.rows)) == trains
 
 
 RESUME = dict(max_steps=5, checkpoint_every=10, discriminators=["clip"], profile="release")
@@ -219,6 +221,6 @@ def test_release_profile_resumes_bit_exact(tiny_dir, tmp_path):
     second = make_trainer(tmp_path / "split", resume=True, **RESUME)
     second.train()
     assert second.data.cursor == straight.data.cursor == 10
-    a = [p.detach() for p in straight.student_kv] + [straight.teacher_tokens.rows.detach()]
-    b = [p.detach() for p in second.student_kv] + [second.teacher_tokens.rows.detach()]
+    a = [p.detach() for p in straight.method.student_kv] + [straight.method.teacher_tokens.rows.detach()]
+    b = [p.detach() for p in second.method.student_kv] + [second.method.teacher_tokens.rows.detach()]
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -57,25 +57,25 @@ def test_full_run_writes_every_artefact(tiny_dir, tmp_path):
 def test_each_step_updates_only_its_own_model(tiny_dir, tmp_path):
     trainer = make_trainer(tmp_path / "run")
     b = trainer.bundle
-    batch = trainer.next_batch()
+    batch = trainer.method.next_batch()
     cond = trainer._encode(b.text_encoder, batch.prompts)
     from opad.trainer import StepOutcome
 
     table = b.text_encoder.get_input_embeddings().weight
     table_key = "text_encoder." + next(n for n, p in b.text_encoder.named_parameters() if p is table)
     s0 = snapshot(trainer)
-    trainer.teacher_step(batch, cond, StepOutcome())
+    trainer.method.teacher_step(batch, cond, StepOutcome())
     s1 = snapshot(trainer)
     assert changed(s0, s1) == kv_names("teacher_unet", b.teacher_unet) | {table_key, "teacher_tokens"}
     table_before, table_after = (s[table_key] for s in (s0, s1))
     rows = torch.nonzero((table_before != table_after).any(1)).flatten().tolist()
     assert rows == trainer.token_ids  # only the modifier row
 
-    result = trainer.student_step(batch.prompts, cond.detach(), cond.detach(), StepOutcome())
+    result = trainer.method.student_step(batch.prompts, cond.detach(), cond.detach(), StepOutcome())
     s2 = snapshot(trainer)
     assert changed(s1, s2) == kv_names("student_unet", b.student_unet)
 
-    trainer.discriminator_step(result.fake_features, StepOutcome())
+    trainer.method.discriminator_step(result.fake_features, StepOutcome())
     s3 = snapshot(trainer)
     assert changed(s2, s3) == {k for k in s3 if k.startswith("heads.")}
 
@@ -86,18 +86,18 @@ def test_alignment_target_has_no_gradient_and_adversarial_terms_ignore_c(tiny_di
     prompts = ["a photo of a <new1> toy", "a <new1> toy on the beach"]
     cond = trainer._encode(b.text_encoder, prompts).detach()
     states = {k: g.get_state() for k, g in trainer.generators.items()}
-    result = trainer.student_forward(prompts, cond, cond)
+    result = trainer.method.student_forward(prompts, cond, cond)
     assert result.z_tc is not None and not result.z_tc.requires_grad and not result.image_tc.requires_grad
     assert result.z_st.requires_grad and result.terms["mse"].requires_grad
     (grad,) = torch.autograd.grad(result.terms["mse"], result.z_st, retain_graph=True)
     assert grad.abs().sum() > 0
 
-    import opad.trainer as trainer_module
+    import opad.methods.opad as opad_method
 
-    monkeypatch.setattr(trainer_module, "c_weight", lambda t, ac: torch.zeros(len(t)))
+    monkeypatch.setattr(opad_method, "c_weight", lambda t, ac: torch.zeros(len(t)))
     for k, g in trainer.generators.items():
         g.set_state(states[k])
-    zero_c = trainer.student_forward(prompts, cond, cond)
+    zero_c = trainer.method.student_forward(prompts, cond, cond)
     for name in ("mse", "id", "swd"):
         assert result.terms[name] > 0 and zero_c.terms[name] == 0
     for name in ("dino_v1", "dino_v2", "clip"):
@@ -172,7 +172,7 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
     assert second.step == 6
     _assert_same_state(_final_state(tmp_path / "straight"), _final_state(tmp_path / "split"))
     assert _losses_by_step(tmp_path / "straight") == _losses_by_step(tmp_path / "split")
-    assert len(straight.collab_prompts) == 2  # the collaborative stage ran and was resumed
+    assert len(straight.method.collab_prompts) == 2  # the collaborative stage ran and was resumed
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -227,7 +227,7 @@ def test_planted_nan_is_skipped_then_rolled_back(tiny_dir, tmp_path, monkeypatch
     assert [s for s, e in events if e.startswith("skipped non-finite student:loss")] == [1, 2, 3]
     assert events[-1] == (3, "rollback to step 0 with lr x0.5")
     assert trainer.lr_scale == 0.5 and trainer.rollbacks == 1 and trainer.step == 6
-    assert trainer.opt_student.param_groups[0]["lr"] == pytest.approx(0.5 * trainer.cfg.student_lr)
+    assert trainer.method.opt_student.param_groups[0]["lr"] == pytest.approx(0.5 * trainer.cfg.student_lr)
 
 
 def test_persistent_nan_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypatch):

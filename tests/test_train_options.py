@@ -6,11 +6,10 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from PIL import Image
 
 from opad.backbones import build_backbone
 from opad.errors import OpadError
-from trainutil import make_trainer
+from trainutil import make_trainer, write_class_images
 
 
 def _one_iteration(trainer) -> dict[str, float]:
@@ -35,22 +34,17 @@ def test_option_runs_and_logs_its_term(tiny_dir, tmp_path, overrides, key):
 
 
 def test_class_prior_images_add_the_prior_loss(tiny_dir, tmp_path):
-    prior = tmp_path / "class"
-    prior.mkdir()
-    for i in range(2):
-        g = torch.Generator().manual_seed(i)
-        Image.fromarray((torch.rand(70, 70, 3, generator=g) * 255).byte().numpy()).save(prior / f"{i}.png")
-    trainer = make_trainer(tmp_path / "run", class_dir=str(prior), discriminators=["clip"])
+    trainer = make_trainer(tmp_path / "run", class_dir=write_class_images(tmp_path / "class"), discriminators=["clip"])
     assert "loss/prior" in _one_iteration(trainer)
 
 
 def test_collaborative_stage_mixes_student_samples_into_batches(tiny_dir, tmp_path):
     trainer = make_trainer(tmp_path / "run", collab_start=0.0, collab_buffer=3, collab_mix=1.0,
                            collab_disc_real="mixed", discriminators=["clip"])
-    trainer.refresh_collab_buffer()
-    assert trainer.collab_images.shape == (3, 3, 64, 64) and len(trainer.collab_prompts) == 3
-    batch = trainer.next_batch()
-    assert set(batch.prompts) <= set(trainer.collab_prompts)  # mix 1.0: every item from the buffer
+    trainer.method.refresh_collab_buffer()
+    assert trainer.method.collab_images.shape == (3, 3, 64, 64) and len(trainer.method.collab_prompts) == 3
+    batch = trainer.method.next_batch()
+    assert set(batch.prompts) <= set(trainer.method.collab_prompts)  # mix 1.0: every item from the buffer
     assert batch.masks.min() == 1
     _one_iteration(trainer)
 

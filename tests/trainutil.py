@@ -13,6 +13,17 @@ FAST = dict(max_steps=4, batch_size=2, preview_every=2, checkpoint_every=2, prev
             swd_projections=16, collab_start=None)
 
 
+def write_class_images(folder, n: int = 2) -> str:
+    """``n`` random 70-px photos (a class-prior folder); returns the folder."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        Image.fromarray((torch.rand(70, 70, 3, generator=g) * 255).byte().numpy()).save(folder / f"{i}.png")
+    return str(folder)
+
+
 def make_cfg(out_dir, **overrides) -> TrainConfig:
     return TrainConfig(output_dir=str(out_dir), **{**FAST, **overrides})
 
@@ -28,10 +39,10 @@ def snapshot(trainer) -> dict[str, torch.Tensor]:
     b = trainer.bundle
     state = {}
     for prefix, module in (("teacher_unet", b.teacher_unet), ("student_unet", b.student_unet),
-                           ("text_encoder", b.text_encoder), ("heads", trainer.heads)):
+                           ("text_encoder", b.text_encoder), ("heads", trainer.method.heads)):
         for name, p in module.state_dict().items():
             state[f"{prefix}.{name}"] = p.detach().clone()
-    state["teacher_tokens"] = trainer.teacher_tokens.rows.detach().clone()
+    state["teacher_tokens"] = trainer.method.teacher_tokens.rows.detach().clone()
     return state
 
 

@@ -98,8 +98,12 @@ class CrossAttentionKV:
         return [w for m in self.layers for w in (m.to_k.weight, m.to_v.weight)]
 
     def _cache_key(self, context: Tensor) -> tuple:
+        # every parameter of the projection modules, and the modules themselves: a LoRA adapter
+        # wraps to_k / to_v (new modules), and trains its own weights beside the base weight
+        projections = [p for m in self.layers for p in (m.to_k, m.to_v)]
+        params = tuple((id(w), w._version) for proj in projections for w in proj.parameters())
         return (torch.is_grad_enabled(), torch.is_autocast_enabled(context.device.type),
-                self.detach_first_token, tuple((id(w), w._version) for w in self._weights()))
+                self.detach_first_token, tuple(map(id, projections)), params)
 
     def compute(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every layer's (key, value) for ``context``, uncached (the export's conditioning graph)."""

@@ -1,36 +1,64 @@
-"""A concept: modifier tokens plus a UNet's cross-attention K/V, in diffusers' Custom Diffusion format.
+"""A concept: modifier tokens plus the UNet weights a method trained, in one of four formats.
 
-On disk (safetensors only), loadable by a plain diffusers pipeline::
+On disk (safetensors only), every format loadable by a plain diffusers pipeline::
 
-    CONCEPT/pytorch_custom_diffusion_weights.safetensors   every attn2 K/V weight
-    CONCEPT/<new1>.safetensors                              {"<new1>": embedding row}
-    CONCEPT/opad_concept.json                               the tokens, in order
+    CONCEPT/<new1>.safetensors       {"<new1>": embedding row}   (every format; load_textual_inversion)
+    CONCEPT/opad_concept.json        {"tokens", "format", "method"}
+    custom-diffusion  CONCEPT/pytorch_custom_diffusion_weights.safetensors  every attn2 K/V weight
+    lora              CONCEPT/pytorch_lora_weights.safetensors  (pipe.load_lora_weights; concept_lora)
+    unet              CONCEPT/unet/  a whole fine-tuned UNet  (from_pretrained; concept_unet)
+    textual-inversion only the token rows
+
+A folder without opad_concept.json is diffusers' own Custom Diffusion output. Custom Diffusion
+and textual-inversion concepts change only the cross-attention K/V and token rows, so one engine
+serves many of them (:func:`read_concept`); lora and unet concepts change other weights too and
+are applied to the model (:func:`load_concept`).
 
 In memory OPAD trains the UNet's own ``attn2.to_k`` / ``attn2.to_v`` weights (no processor swap),
-so the fast default attention keeps running; the file keys are those of diffusers'
-``CustomDiffusionAttnProcessor``.
+so the fast default attention keeps running; the Custom Diffusion file keys are those of
+diffusers' ``CustomDiffusionAttnProcessor``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
 from opad.fsutil import staged_dir
 from opad.models.attention import cross_attention_layers, fused_kv
+from opad.models.concept_lora import LORA_NAME, check_lora, has_adapter, lora_state, merge_lora, write_lora
+from opad.models.concept_tensors import check_finite, check_weight, read_safetensors
+from opad.models.concept_tokens import (
+    add_modifier_tokens,
+    append_embeddings,
+    checked_embeddings,
+    mask_embedding_grad,
+    token_file,
+    token_rows,
+    write_token_rows,
+)
+from opad.models.concept_unet import check_savable_unet, check_unet, load_unet_weights, write_unet
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
 META_NAME = "opad_concept.json"
+FORMATS = ("custom-diffusion", "lora", "unet", "textual-inversion")
+KV_FORMATS = ("custom-diffusion", "textual-inversion")  # change only the cross-attention K/V and token rows
 _K, _V = "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight"
+
+__all__ = [
+    "FORMATS", "KV_FORMATS", "LORA_NAME", "META_NAME", "WEIGHTS_NAME", "ConceptWeights", "add_modifier_tokens",
+    "concept_format", "concept_state_dict", "cross_attention_layers", "detach_start_token_kv",
+    "enable_kv_training", "kv_parameters", "load_concept", "mask_embedding_grad", "read_concept", "save_concept",
+]
 
 
 def kv_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
@@ -80,64 +108,6 @@ def detach_start_token_kv(unet: UNet2DConditionModel) -> list[torch.utils.hooks.
     ]
 
 
-def _single_token_id(tokenizer: CLIPTokenizer, word: str) -> int:
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) != 1:
-        raise OpadError(
-            f"initialiser word {word!r} is {len(ids)} tokens in the tokenizer; choose a word that is one token"
-        )
-    return ids[0]
-
-
-def _check_new_tokens(tokenizer: CLIPTokenizer, tokens: list[str]) -> None:
-    vocab = tokenizer.get_vocab()
-    if len(set(tokens)) != len(tokens):
-        raise OpadError(f"modifier tokens must be distinct, got {tokens}")
-    for token in tokens:
-        if not token or any(c.isspace() for c in token):
-            raise OpadError(f"modifier token {token!r} must be non-empty and contain no whitespace")
-        if {token, token.lower(), token.lower() + "</w>"} & vocab.keys():
-            raise OpadError(f"modifier token {token!r} is already in the tokenizer's vocabulary; pick a new one")
-
-
-def _append_embeddings(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: list[str], rows: list[torch.Tensor]
-) -> list[int]:
-    tokenizer.add_tokens(tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_id, row in zip(ids, rows):
-            weight[token_id] = row.to(weight)
-    return ids
-
-
-def add_modifier_tokens(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: list[str], init_words: list[str]
-) -> list[int]:
-    """Add ``tokens`` (e.g. ``<new1>``), each initialised from one single-token word; return their ids."""
-    if len(tokens) != len(init_words):
-        raise OpadError(f"got {len(tokens)} modifier tokens but {len(init_words)} initialiser words")
-    _check_new_tokens(tokenizer, tokens)
-    init_ids = [_single_token_id(tokenizer, w) for w in init_words]
-    table = text_encoder.get_input_embeddings().weight
-    return _append_embeddings(tokenizer, text_encoder, tokens, [table[i].detach().clone() for i in init_ids])
-
-
-def mask_embedding_grad(text_encoder: CLIPTextModel, token_ids: list[int]) -> torch.utils.hooks.RemovableHandle:
-    """Make the token-embedding table trainable but zero every gradient row except ``token_ids``.
-
-    One boolean row mask covers any number of tokens (Custom Diffusion's script masked the last
-    of several tokens by an off-by-one).
-    """
-    weight = text_encoder.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    keep[torch.as_tensor(token_ids, device=weight.device)] = 1
-    return weight.register_hook(lambda grad: grad * keep)
-
-
 def concept_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The Custom Diffusion weight file's tensors for ``unet``.
 
@@ -157,6 +127,37 @@ def concept_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return state
 
 
+Writer = Callable[[Path], None]  # writes a format's weight files into the staging folder
+
+
+def _custom_diffusion_writer(unet: UNet2DConditionModel, where: str) -> Writer:
+    if has_adapter(unet):
+        raise OpadError(f"{where}: the UNet carries a LoRA adapter; save it as format='lora'")
+    state = concept_state_dict(unet)
+    for key, value in state.items():
+        check_finite(value, f"{where}: {key!r}")
+    return lambda folder: safetensors.torch.save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _lora_writer(unet: UNet2DConditionModel, where: str) -> Writer:
+    state, config = lora_state(unet)
+    for key, value in state.items():
+        check_finite(value, f"{where}: {key!r}")
+    return lambda folder: write_lora(folder, state, config)
+
+
+def _writer(format: str, unet: UNet2DConditionModel, where: str) -> Writer:
+    """Gather and check the weights first, so a bad model writes nothing."""
+    if format == "custom-diffusion":
+        return _custom_diffusion_writer(unet, where)
+    if format == "lora":
+        return _lora_writer(unet, where)
+    if format == "unet":
+        check_savable_unet(unet, where)
+        return lambda folder: write_unet(folder, unet)
+    return lambda folder: None  # textual-inversion: the token rows are the concept
+
+
 def save_concept(
     out_dir: str | os.PathLike,
     unet: UNet2DConditionModel,
@@ -164,59 +165,71 @@ def save_concept(
     text_encoder: CLIPTextModel,
     tokens: list[str],
     *,
+    format: str = "custom-diffusion",
+    method: str | None = None,
     replace: bool = True,
 ) -> Path:
-    """Write the concept folder (complete or not at all)."""
-    table = text_encoder.get_input_embeddings().weight
-    added = tokenizer.get_added_vocab()
-    unknown = [t for t in tokens if t not in added]
-    if unknown:
-        raise OpadError(f"cannot save concept: {unknown} were never added to the tokenizer")
-    ids = [added[t] for t in tokens]
-    state = concept_state_dict(unet)
-    rows = {token: table[token_id].detach().float().cpu().contiguous() for token, token_id in zip(tokens, ids)}
-    for key, value in {**state, **rows}.items():
-        _check_finite(value, f"cannot save concept to {str(out_dir)!r}: {key!r}")
+    """Write the concept folder in ``format`` (complete or not at all); ``method`` (default: the
+    format's name) records which training method made it."""
+    if format not in FORMATS:
+        raise OpadError(f"unknown concept format {format!r}; choose from {', '.join(FORMATS)}")
+    if format == "textual-inversion" and not tokens:
+        raise OpadError("a textual-inversion concept is its token rows: give at least one token")
+    where = f"cannot save concept to {str(out_dir)!r}"
+    rows = token_rows(tokenizer, text_encoder, tokens, where)
+    write = _writer(format, unet, where)
+    meta = {"tokens": tokens, "format": format, "method": method or format}
     with staged_dir(out_dir, replace=replace) as tmp:
-        safetensors.torch.save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        for token, row in rows.items():
-            safetensors.torch.save_file({token: row}, tmp / f"{token}.safetensors", metadata={"format": "pt"})
-        (tmp / META_NAME).write_text(json.dumps({"tokens": tokens, "format": "custom-diffusion"}, indent=2) + "\n")
+        write(tmp)
+        write_token_rows(tmp, rows)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir)
 
 
-def _check_finite(value: torch.Tensor, where: str) -> None:
-    if value.is_floating_point() and not torch.isfinite(value).all():
-        raise OpadError(f"{where} holds values that are not finite (NaN or inf)")
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise OpadError(f"{path} is not a readable safetensors file ({e})") from e
-
-
-def _concept_tokens(concept_dir: Path) -> list[str]:
+def _read_meta(concept_dir: Path) -> tuple[str, list[str]]:
+    """(format, tokens) of a concept folder; a folder without opad_concept.json is diffusers' own
+    Custom Diffusion output, its tokens the names of its other safetensors files."""
     meta = concept_dir / META_NAME
-    if meta.is_file():
-        try:
-            tokens = json.loads(meta.read_text())["tokens"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise OpadError(f"{meta} is not a valid concept description ({e})") from e
-    else:  # a concept written by diffusers' own Custom Diffusion script
-        tokens = sorted(p.stem for p in concept_dir.glob("*.safetensors") if p.name != WEIGHTS_NAME)
+    if not meta.is_file():
+        return "custom-diffusion", sorted(p.stem for p in concept_dir.glob("*.safetensors") if p.name != WEIGHTS_NAME)
+    try:
+        data = json.loads(meta.read_text())
+        tokens, format = data["tokens"], data.get("format", "custom-diffusion")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise OpadError(f"{meta} is not a valid concept description ({e})") from e
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise OpadError(f"{meta} is not a valid concept description (tokens must be a list of strings)")
+    if format not in FORMATS:
+        raise OpadError(f"{meta}: unknown concept format {format!r}; opad reads {', '.join(FORMATS)}")
+    return format, tokens
+
+
+def _existing(concept_dir: str | os.PathLike) -> Path:
+    concept_dir = Path(concept_dir)
+    if not concept_dir.is_dir():
+        raise OpadError(f"concept folder not found: {str(concept_dir)!r}")
+    return concept_dir
+
+
+def concept_format(concept_dir: str | os.PathLike) -> str:
+    """The format of a concept folder (one of :data:`FORMATS`), read from its opad_concept.json."""
+    return _read_meta(_existing(concept_dir))[0]
+
+
+def _checked_rows(concept_dir: Path, tokens: list[str], tokenizer: CLIPTokenizer,
+                  text_encoder: CLIPTextModel) -> list[torch.Tensor]:
     for token in tokens:
-        if not (concept_dir / f"{token}.safetensors").is_file():
+        if not token_file(concept_dir, token).is_file():
             raise OpadError(f"concept {concept_dir} lists token {token!r} but has no {token}.safetensors")
-    return tokens
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    return checked_embeddings(concept_dir, tokens, tokenizer, width)
 
 
 def _checked_kv(concept_dir: Path, unet: UNet2DConditionModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     path = concept_dir / WEIGHTS_NAME
     if not path.is_file():
         raise OpadError(f"{concept_dir} is not a concept folder: it has no {WEIGHTS_NAME}")
-    state = {k: v for k, v in _read_safetensors(path).items() if v.numel() > 0}
+    state = {k: v for k, v in read_safetensors(path).items() if v.numel() > 0}
     targets = {}
     for layer, module in cross_attention_layers(unet).items():
         targets[f"{layer}.processor.{_K}"] = module.to_k.weight
@@ -228,37 +241,29 @@ def _checked_kv(concept_dir: Path, unet: UNet2DConditionModel) -> dict[str, tupl
     for key, target in targets.items():
         if key not in state:
             raise OpadError(f"{path}: key {key!r} is missing (the concept was made for another UNet)")
-        value = state[key]
-        if value.shape != target.shape:
-            raise OpadError(
-                f"{path}: key {key!r} has shape {tuple(value.shape)} but the model's is {tuple(target.shape)}"
-            )
-        if not value.is_floating_point():
-            raise OpadError(f"{path}: key {key!r} has dtype {value.dtype}; expected a floating-point tensor")
-        _check_finite(value, f"{path}: key {key!r}")
-        checked[key] = (value, target)
+        check_weight(path, key, state[key], target.shape)
+        checked[key] = (state[key], target)
     return checked
 
 
-def _checked_embeddings(concept_dir: Path, tokens: list[str], tokenizer: CLIPTokenizer, width: int) -> list[torch.Tensor]:
-    _check_new_tokens(tokenizer, tokens)
-    rows = []
-    for token in tokens:
-        path = concept_dir / f"{token}.safetensors"
-        state = _read_safetensors(path)
-        if list(state) != [token]:
-            raise OpadError(f"{path}: expected one key {token!r}, found {sorted(state)}")
-        row = state[token].reshape(-1) if state[token].dim() == 2 and state[token].shape[0] == 1 else state[token]
-        if row.shape != (width,):
-            raise OpadError(
-                f"{path}: key {token!r} has shape {tuple(state[token].shape)} but the text encoder "
-                f"needs ({width},)"
-            )
-        if not row.is_floating_point():
-            raise OpadError(f"{path}: key {token!r} has dtype {row.dtype}; expected a floating-point tensor")
-        _check_finite(row, f"{path}: key {token!r}")
-        rows.append(row)
-    return rows
+def _copy_kv(checked: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for value, target in checked.values():
+            target.copy_(value.to(target))
+
+
+def _checked_weights(format: str, concept_dir: Path, unet: UNet2DConditionModel) -> Callable[[], None]:
+    """Read and check a format's UNet weights; return what applies them (nothing changed yet)."""
+    if format == "custom-diffusion":
+        kv = _checked_kv(concept_dir, unet)
+        return lambda: _copy_kv(kv)
+    if format == "lora":
+        lora = check_lora(concept_dir / LORA_NAME, unet)
+        return lambda: merge_lora(unet, lora)
+    if format == "unet":
+        state = check_unet(concept_dir, unet)
+        return lambda: load_unet_weights(unet, state)
+    return lambda: None  # textual-inversion: only token rows
 
 
 @dataclass
@@ -277,15 +282,22 @@ def read_concept(
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel,
 ) -> ConceptWeights:
-    """Read a concept folder and check it (keys, shapes, dtypes, tokens) against these models."""
-    concept_dir = Path(concept_dir)
-    if not concept_dir.is_dir():
-        raise OpadError(f"concept folder not found: {str(concept_dir)!r}")
-    kv = _checked_kv(concept_dir, unet)
-    tokens = _concept_tokens(concept_dir)
-    width = text_encoder.get_input_embeddings().weight.shape[1]
-    rows = _checked_embeddings(concept_dir, tokens, tokenizer, width)
-    return ConceptWeights(tokens, rows, [value for value, _ in kv.values()])
+    """Read a concept folder and check it (keys, shapes, dtypes, tokens) against these models: the
+    K/V view one engine serving many concepts uses. A textual-inversion concept has the UNet's own
+    K/V; lora and unet concepts are refused (they change weights outside the K/V)."""
+    concept_dir = _existing(concept_dir)
+    format, tokens = _read_meta(concept_dir)
+    if format not in KV_FORMATS:
+        raise OpadError(
+            f"{concept_dir} is a {format} concept: it changes UNet weights outside the cross-attention K/V, so "
+            "it cannot share an engine with other concepts; use it alone with python -m opad.generate --concept "
+            "DIR, or bake it into the graphs with python export/export_onnx.py --concept DIR")
+    if format == "custom-diffusion":
+        kv = [value for value, _ in _checked_kv(concept_dir, unet).values()]
+    else:
+        kv = [w.detach().clone() for w in kv_parameters(unet)]
+    rows = _checked_rows(concept_dir, tokens, tokenizer, text_encoder)
+    return ConceptWeights(tokens, rows, kv)
 
 
 def load_concept(
@@ -294,14 +306,16 @@ def load_concept(
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel,
 ) -> list[str]:
-    """Apply a concept to a UNet + tokenizer + text encoder; return its tokens.
+    """Apply a concept of any format to a UNet + tokenizer + text encoder; return its tokens.
 
-    Everything is checked (keys, shapes, dtypes, tokens) before anything is changed, so a bad
-    concept leaves the models as they were.
+    Everything is checked (files, keys, shapes, dtypes, values, tokens, the UNet's config) before
+    anything is changed, so a bad concept leaves the models as they were. A lora concept is merged
+    into the base weights: the UNet stays a plain UNet.
     """
-    concept = read_concept(concept_dir, unet, tokenizer, text_encoder)
-    with torch.no_grad():
-        for value, target in zip(concept.kv, kv_parameters(unet)):
-            target.copy_(value.to(target))
-    _append_embeddings(tokenizer, text_encoder, concept.tokens, concept.rows)
-    return concept.tokens
+    concept_dir = _existing(concept_dir)
+    format, tokens = _read_meta(concept_dir)
+    apply = _checked_weights(format, concept_dir, unet)
+    rows = _checked_rows(concept_dir, tokens, tokenizer, text_encoder)
+    apply()
+    append_embeddings(tokenizer, text_encoder, tokens, rows)
+    return tokens

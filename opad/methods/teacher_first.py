@@ -1,4 +1,4 @@
-"""The teacher-first baseline (paper §12, Table 6): ``python -m opad.train --teacher-first``.
+"""The teacher-first baseline (paper §12, Table 6): ``python -m opad.train --method teacher-first``.
 
 The teacher trains alone (Custom Diffusion) for ``--teacher-first-steps``; then it draws
 ``--teacher-first-samples`` images (DDIM, classifier-free guidance) over the training prompts, and
@@ -14,24 +14,27 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from opad.methods.base import StepOutcome
+from opad.methods.opad import OpadMethod
 from opad.sampling import sample_teacher
-from opad.trainer import StepOutcome, Trainer
 
 
-class TeacherFirstTrainer(Trainer):
+class TeacherFirstMethod(OpadMethod):
+    """OPAD's models and steps, run one after the other instead of together."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.teacher_set_images = torch.empty(0)  # the teacher's samples, clamped to [0, 1]
         self.teacher_set_prompts: list[str] = []
 
-    def before_iteration(self) -> None:
-        if self.step >= self.cfg.teacher_first_steps and not self.teacher_set_prompts:
+    def before_iteration(self, step: int) -> None:
+        if step >= self.cfg.teacher_first_steps and not self.teacher_set_prompts:
             self.sample_teacher_set()
 
     def iteration(self) -> StepOutcome:
         cfg, b = self.cfg, self.bundle
         out = StepOutcome()
-        if self.step < cfg.teacher_first_steps:
+        if self.loop.step < cfg.teacher_first_steps:
             batch = self.data.sample(cfg.batch_size, self.generators["data"])
             self.teacher_step(batch, self._encode(b.text_encoder, batch.prompts), out)
             return out
@@ -53,15 +56,15 @@ class TeacherFirstTrainer(Trainer):
         cfg = self.cfg
         g = self.generators["samples"]
         prompts = [self.data.prompt(g) for _ in range(cfg.teacher_first_samples)]
-        if self.is_main:
+        if self.loop.is_main:
             print(f"teacher-first: sampling {len(prompts)} teacher images ({cfg.teacher_first_sample_steps} DDIM "
                   "steps each)", file=sys.stderr)
         images = []
         for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher samples", leave=False,
-                          disable=not (self.progress and self.is_main)):
+                          disable=not (self.loop.progress and self.loop.is_main)):
             images.append(sample_teacher(self.bundle, prompts[start : start + cfg.batch_size],
                                          steps=cfg.teacher_first_sample_steps, guidance_scale=cfg.guidance_scale,
-                                         generator=g, resolution=self.resolution).cpu())
+                                         generator=g, resolution=self.loop.resolution).cpu())
         self.teacher_set_images = torch.cat(images)
         self.teacher_set_prompts = prompts
 
@@ -76,5 +79,4 @@ class TeacherFirstTrainer(Trainer):
         self.teacher_set_prompts = list(state["teacher_set_prompts"])
 
     def log_columns(self) -> list[str]:
-        return ["loss/teacher", "loss/id", "loss/student", "grad_norm/teacher", "grad_norm/student",
-                "time/step", "lr_scale"]
+        return ["loss/teacher", "loss/id", "loss/student", "grad_norm/teacher", "grad_norm/student"]

@@ -1,0 +1,18 @@
+"""``--method custom-diffusion``: Custom Diffusion on the student directly (cross-attention K/V + token)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from opad.methods.finetune import StudentFinetune
+from opad.models.concept import detach_start_token_kv, enable_kv_training
+
+
+class CustomDiffusion(StudentFinetune):
+    concept_format = "custom-diffusion"
+
+    def trainable_weights(self, unet: nn.Module) -> list[nn.Parameter]:
+        params = enable_kv_training(unet)
+        if self.cfg.detach_start_token:
+            detach_start_token_kv(unet)
+        return params
