@@ -295,7 +295,6 @@ def test_server_store_serves_textual_inversion_and_skips_lora_in_one_line(made, 
 def test_an_export_bakes_a_lora_concept_in_and_serves_it_alone(made, tiny_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from exportutil import export
-
     from opad.export.runtime import Runner
     from opad.export.sidecar import concept_id, read_sidecar
 

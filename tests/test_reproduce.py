@@ -12,8 +12,8 @@ from PIL import Image
 
 from opad import reproduce
 
+# OPAD and one baseline (another concept format through generate); teacher-first is a method like them
 FAST = ["--max-steps", "2", "--prompts", "2", "--seeds", "2", "--dino-weights", "tiny", "--clip-weights", "tiny",
-        "--train-arg=--teacher-first-samples=2", "--train-arg=--teacher-first-sample-steps=2",
         "--train-arg=--preview-teacher-steps=2"]
 
 
@@ -33,7 +33,7 @@ def bench(dreambench_dir, tmp_path):
 
 def test_harness_end_to_end_with_a_failure_and_resume(bench, tmp_path, capsys):
     out = tmp_path / "repro"  # in this process: each job's own process would import torch again (~7 s here)
-    argv = ["--out", str(out), "--dreambench", str(bench), "--methods", "opad,teacher-first,lora", "--in-process", *FAST]
+    argv = ["--out", str(out), "--dreambench", str(bench), "--methods", "opad,lora", "--in-process", *FAST]
     assert reproduce.main([*argv, "--subjects", "can,candle,broken"]) == 0
     err = capsys.readouterr().err
     assert "broken / opad: FAILED: error: could not read image" in err
@@ -48,20 +48,19 @@ def test_harness_end_to_end_with_a_failure_and_resume(bench, tmp_path, capsys):
 
     table = list(csv.DictReader((out / "table.csv").open()))
     assert [(r["method"], r["subjects"], r["failed"]) for r in table] == [("opad", "2", "1"),
-                                                                          ("teacher-first", "2", "1"),
                                                                           ("lora", "2", "1")]
     markdown = (out / "table.md").read_text()
     assert "| opad | 1 |" in markdown and "(1 failed)" in markdown and "Not comparable" in markdown
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 6
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
     lora = json.loads((out / "runs" / "candle" / "lora" / "train" / "concept" / "opad_concept.json").read_text())
     assert lora["format"] == "lora"  # a baseline's own concept format went through generate
     grid = Image.open(out / "grids" / "can.png")
-    assert grid.size == (120 + 96 * 2, 96 * 3)  # a row per method, a column per prompt
+    assert grid.size == (120 + 96 * 2, 96 * 2)  # a row per method, a column per prompt
 
     # resumable: finished jobs are skipped, nothing retrains
     stamp = (out / "runs" / "can" / "opad" / "done.json").stat().st_mtime_ns
     assert reproduce.main([*argv, "--subjects", "can,candle"]) == 0
-    assert "6 done before, 0 to run" in capsys.readouterr().err
+    assert "4 done before, 0 to run" in capsys.readouterr().err
     assert (out / "runs" / "can" / "opad" / "done.json").stat().st_mtime_ns == stamp
 
 
