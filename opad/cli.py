@@ -8,7 +8,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": "personalize the one-step student on a few photos (OPAD)",
+    "train": "personalize the one-step student on a few photos (OPAD, or a baseline: --method)",
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",

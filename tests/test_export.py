@@ -149,7 +149,7 @@ def test_dynamo_exporter_with_a_batch_range_and_external_data(tiny_dir, tmp_path
     assert got.shape == (3, 64, 64, 3) and np.abs(got.astype(int) - want).max() <= 1
 
 
-def test_a_concept_for_another_student_is_refused_naming_the_layer(tiny_dir, tmp_path, world):
+def test_a_concept_for_another_student_is_refused_naming_the_layer(tiny_dir, tmp_path, world, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in world["a"].iterdir():
@@ -158,11 +158,9 @@ def test_a_concept_for_another_student_is_refused_naming_the_layer(tiny_dir, tmp
     key = sorted(k for k in weights if k.endswith("to_k_custom_diffusion.weight"))[0]
     weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 3)
     safetensors.torch.save_file(weights, bad / "pytorch_custom_diffusion_weights.safetensors")
-    run = subprocess.run([sys.executable, str(REPO / "export" / "export_onnx.py"), "--student",
-                          str(tiny_dir / "student"), "--concept", str(bad), "--out", str(tmp_path / "o"),
-                          "--exporter", "torchscript"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert export_onnx.main(["--student", str(tiny_dir / "student"), "--concept", str(bad), "--out",
+                             str(tmp_path / "o"), "--exporter", "torchscript"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and key in errors[0] and "shape" in errors[0]
     assert not (tmp_path / "o").exists()
 
@@ -256,12 +254,12 @@ def test_trt_profiles_follow_the_export(world):
     assert shapes["denoise_decode_2step.onnx"]["k0"] == [[1, 2, 77, 8]] * 3 and len(shapes["denoise_decode_1step.onnx"]) == 33
 
 
-def test_build_trt_without_tensorrt_is_one_sentence(world, tmp_path):
-    run = subprocess.run([sys.executable, str(REPO / "export" / "build_trt.py"), "--onnx", str(world["onnx_a"]),
-                          "--out", str(tmp_path / "engines")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.count("\n") == 1 and ("TensorRT is not installed" in run.stderr
-                                            or "TensorRT needs a CUDA GPU" in run.stderr)
+def test_build_trt_without_tensorrt_is_one_sentence(world, tmp_path, capsys):
+    from opad.export import build_trt
+
+    assert build_trt.main(["--onnx", str(world["onnx_a"]), "--out", str(tmp_path / "engines")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("TensorRT is not installed" in err or "TensorRT needs a CUDA GPU" in err)
     assert not (tmp_path / "engines").exists()
 
 
