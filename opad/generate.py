@@ -18,7 +18,7 @@ from opad.config import MAX_SEED
 from opad.errors import OpadError, warn
 from opad.fsutil import check_output_folder, staged_dir
 from opad.models.concept import load_concept
-from opad.models.loading import load_models
+from opad.models.loading import ModelBundle, load_models
 from opad.runtime import pick_device, pick_dtype
 from opad.sampling import STUDENT_STEPS, sample_student
 
@@ -71,15 +71,34 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def load_student(student: str | None, concept: str | None, device: str = "auto",
+                 dtype: str = "auto") -> tuple[ModelBundle, list[str]]:
+    """The student bundle with ``concept`` (any format) applied, and the concept's tokens."""
+    dev = pick_device(device)
+    bundle = load_models(student=student, device=dev, dtype=pick_dtype(dtype, dev), load_teacher=False)
+    tokens = []
+    if concept is not None:
+        tokens = load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
+    return bundle, tokens
+
+
+def timed_image(bundle: ModelBundle, prompt: str, seed: int, steps: int,
+                resolution: int | None = None) -> tuple[Image.Image, float]:
+    """One image (``seed``'s noise) and the seconds it took (synchronised on a GPU)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = time.perf_counter()
+    images = sample_student(bundle, [prompt], steps=steps, generator=generator, resolution=resolution)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize(bundle.device)
+    seconds = time.perf_counter() - start
+    return to_pil(images)[0], seconds
+
+
 def run(args: argparse.Namespace) -> Path:
     _check_args(args)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    bundle = load_models(student=args.student, device=device, dtype=dtype, load_teacher=False)
-    tokens = []
+    bundle, tokens = load_student(args.student, args.concept, args.device, args.dtype)
     if args.concept is not None:
-        tokens = load_concept(args.concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
         if not any(t in args.prompt for t in tokens):
             warn(f"the prompt does not use the concept's token(s) {tokens}")
     load_seconds = time.perf_counter() - t0
@@ -89,14 +108,9 @@ def run(args: argparse.Namespace) -> Path:
     with staged_dir(out, replace=True) as tmp:
         for i in range(args.num_images):
             seed = args.seed + i
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            start = time.perf_counter()
-            images = sample_student(bundle, [args.prompt], steps=args.steps, generator=generator, resolution=resolution)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
+            image, seconds = timed_image(bundle, args.prompt, seed, args.steps, resolution)
             name = f"{i:03d}_seed{seed}.png"
-            to_pil(images)[0].save(tmp / name)
+            image.save(tmp / name)
             records.append({"file": name, "seed": seed, "seconds": round(seconds, 4)})
             print(f"[{i + 1}/{args.num_images}] {name} ({seconds:.2f} s)", file=sys.stderr)
         meta = {
@@ -108,8 +122,8 @@ def run(args: argparse.Namespace) -> Path:
             "seed": args.seed,
             "num_images": args.num_images,
             "resolution": resolution,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(bundle.device),
+            "dtype": str(bundle.dtype).removeprefix("torch."),
             "model_load_seconds": round(load_seconds, 3),
             "images": records,
             "opad_version": opad.__version__,

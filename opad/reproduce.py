@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,34 +149,18 @@ def run_job(args: argparse.Namespace, subject: str, method: str) -> dict:
 def _generate(args, concept: Path, subject: str, prompts: list[str], steps: int, folder: Path) -> float:
     """Every prompt x seed as NN_seedS.png with a manifest, one image at a time as
     ``opad.generate --seed S`` makes it (any concept format); returns the mean seconds per image."""
-    import torch
-
     from opad.fsutil import staged_dir
-    from opad.generate import to_pil
-    from opad.models.concept import load_concept
-    from opad.models.loading import load_models
-    from opad.runtime import pick_device, pick_dtype
-    from opad.sampling import sample_student
+    from opad.generate import load_student, timed_image
 
-    device = pick_device("auto")
-    bundle = load_models(student=args.student, device=device, dtype=pick_dtype("auto", device), load_teacher=False)
-    load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
-
-    def image(prompt: str, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        return to_pil(sample_student(bundle, [prompt], steps=steps, generator=generator))[0]
-
-    image(prompts[0], 0)  # warm-up, not timed
+    bundle, _ = load_student(args.student, str(concept))
+    timed_image(bundle, prompts[0], 0, steps)  # warm-up, not timed
     seconds = 0.0
     with staged_dir(folder, replace=True) as tmp:
         rows = []
         for i, prompt in enumerate(prompts):
             for seed in range(args.seeds):
-                start = time.perf_counter()
-                picture = image(prompt, seed)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds += time.perf_counter() - start
+                picture, took = timed_image(bundle, prompt, seed, steps)
+                seconds += took
                 name = f"{i:02d}_seed{seed}.png"
                 picture.save(tmp / name)
                 rows.append({"file": name, "subject": subject, "prompt": prompt, "seed": seed})
