@@ -73,6 +73,9 @@ setup(
     # DESIGN.md §3: the Triton kernels and the export live in kernels/ and export/ but install as
     # opad.kernels and opad.export.
     package_dir={"opad.kernels": "kernels", "opad.export": "export"},
+    # the mini world's trained weights ship inside the package (opad/world/weights, a few MB)
+    package_data={"opad.world": ["weights/*.json", "weights/*/*.json", "weights/*/*.safetensors",
+                                 "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.png"]},
     install_requires=[
         *TORCH,
         "diffusers>=0.35",

@@ -1,8 +1,14 @@
 """The mini world: small real models trained on procedurally drawn 64x64 scenes, so that
 personalization visibly learns on a CPU.
 
-This slice is the scene generator: :mod:`opad.world.scenes` (scenes, captions, sampling, rendering,
-the CLI), drawing with :mod:`opad.world.objects` (one function per object class) and
-:mod:`opad.world.contexts` (one per background). Nothing is imported here, so that
-``python -m opad.world.scenes`` runs without a double import.
+- Scenes: :mod:`opad.world.scenes` (scenes, captions, sampling, rendering, the CLI), drawing with
+  :mod:`opad.world.objects` (one function per object class) and :mod:`opad.world.contexts` (one
+  per background); :mod:`opad.world.pool` renders and caches them in bulk.
+- Models: :mod:`opad.world.vae`, :mod:`opad.world.teacher` (text encoder + UNet) and the judge
+  :mod:`opad.world.classifier`, each trained by the resumable loop in :mod:`opad.world.component`,
+  built in order by ``python -m opad.world.build`` and measured by ``python -m opad.world.check``;
+  :mod:`opad.world.preset` assembles them into diffusers pipelines. The shipped weights are in
+  ``opad/world/weights`` (:mod:`opad.world.layout`).
+
+Nothing is imported here, so that ``python -m opad.world.<module>`` runs without a double import.
 """

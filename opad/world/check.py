@@ -1,0 +1,176 @@
+"""``python -m opad.world.check``: measure the mini world's models against their quality bars.
+
+Each bar is measured on scenes of the held-out world (seed 1, never trained on), from the shipped
+weights (or ``--weights DIR``, e.g. a build's ``OUT/weights``). Prints one line per bar and writes
+the report as JSON with ``--out``; exits 1 when a bar is missed, 0 when all are met. A component not
+built yet is reported as such, not as a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from torchvision.transforms.functional import to_pil_image
+
+from opad.errors import OpadError
+from opad.world import vae as world_vae
+from opad.world.classifier import WorldClassifier, accuracy
+from opad.world.contexts import CONTEXTS
+from opad.world.layout import HELDOUT_WORLD, SHIPPED
+from opad.world.objects import CLASSES
+from opad.world.preset import teacher_pipeline
+from opad.world.scenes import COLOURS, Scene, caption, grid, render, world_scenes
+
+VAE_PSNR_DB = 26.0
+TEACHER_ACCURACY = 0.8  # of the prompted class, and of the prompted context, at 25 DDIM steps with CFG
+TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
+CLASSIFIER_ACCURACY = 0.95  # the judge must itself be right on real scenes before it judges samples
+
+
+@dataclass
+class Bar:
+    component: str
+    measure: str
+    value: float | None  # None: the component is not built
+    bar: float
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.value is None else self.value >= self.bar
+
+    def line(self) -> str:
+        if self.value is None:
+            return f"{self.component:8s} {self.measure:34s} not built yet"
+        verdict = "ok" if self.met else "MISSED"
+        show = (lambda v: f"{v:.1%}") if self.bar <= 1 else (lambda v: f"{v:.2f}")  # fractions as percentages
+        return f"{self.component:8s} {self.measure:34s} {show(self.value):>7s} (bar {show(self.bar)})  {verdict}  {self.detail}"
+
+
+def heldout_images(n: int, size: int = 64) -> np.ndarray:
+    """The first ``n`` scenes of the held-out world as (n, size, size, 3) uint8."""
+    return np.stack([np.asarray(render(s, size)) for s in world_scenes(n, HELDOUT_WORLD)])
+
+
+def check_vae(weights: Path, images: np.ndarray) -> Bar:
+    folder = weights / "vae"
+    if not (folder / "config.json").is_file():
+        return Bar("vae", "reconstruction PSNR, dB", None, VAE_PSNR_DB)
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    value = world_vae.psnr(vae, images)
+    return Bar("vae", "reconstruction PSNR, dB", round(value, 2), VAE_PSNR_DB, f"{len(images)} held-out scenes")
+
+
+def class_context_prompts(per_pair: int = 2) -> list[tuple[str, str, str]]:
+    """(prompt, class, context) for every class in every context, ``per_pair`` times, the colour cycling
+    through :data:`COLOURS`; worded as the training captions are."""
+    colours = list(COLOURS)
+    out = []
+    for k in range(per_pair):
+        for i, category in enumerate(CLASSES):
+            for j, context in enumerate(CONTEXTS):
+                colour = colours[(i + j + k * 3) % len(colours)]
+                out.append((caption(Scene(category=category, context=context, colour=colour)), category, context))
+    return out
+
+
+@torch.no_grad()
+def sample_teacher(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, batch: int = 48) -> torch.Tensor:
+    """The teacher's images (N, 3, 64, 64) in [0, 1], 25 DDIM steps with CFG 7.5, seeded per batch."""
+    images = []
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(0, len(prompts), batch):
+        out = pipe(prompts[i:i + batch], num_inference_steps=TEACHER_STEPS, guidance_scale=TEACHER_GUIDANCE,
+                   height=64, width=64, generator=torch.Generator().manual_seed(seed + i), output_type="pt")
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+def prompted_accuracy(classifier: WorldClassifier, images: torch.Tensor, expected: list[tuple[str, str, str]]
+                      ) -> dict[str, float]:
+    """Fraction of images the classifier names with the prompted class, and with the prompted context."""
+    got = classifier.predict(images)
+    return {"category": float(np.mean([g == e[1] for g, e in zip(got["category"], expected)])),
+            "context": float(np.mean([g == e[2] for g, e in zip(got["context"], expected)]))}
+
+
+def check_teacher(vae_dir: Path, teacher_dir: Path, classifier_dir: Path, per_pair: int = 2,
+                  grid_png: Path | None = None, samples: int | None = None) -> list[Bar]:
+    """The prompted-class and prompted-context accuracy of teacher samples (the first ``samples`` of
+    :func:`class_context_prompts`, all by default)."""
+    names = ("teacher", "class of 25-step CFG samples"), ("teacher", "context of 25-step CFG samples")
+    needed = (vae_dir / "config.json", teacher_dir / "unet" / "config.json", classifier_dir / "config.json")
+    if not all(p.is_file() for p in needed):
+        return [Bar(c, m, None, TEACHER_ACCURACY) for c, m in names]
+    expected = class_context_prompts(per_pair)[:samples]
+    images = sample_teacher(teacher_pipeline(vae_dir, teacher_dir), [e[0] for e in expected])
+    if grid_png is not None:
+        grid([to_pil_image(x) for x in images[:len(CLASSES) * len(CONTEXTS)]], columns=len(CONTEXTS)).save(grid_png)
+    acc = prompted_accuracy(WorldClassifier.load(classifier_dir), images, expected)
+    detail = f"{len(images)} samples, {len(CLASSES)} classes x {len(CONTEXTS)} contexts"
+    return [Bar(c, m, round(acc[k], 3), TEACHER_ACCURACY, detail) for (c, m), k in zip(names, ("category", "context"))]
+
+
+def check_classifier(classifier_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
+    if not (classifier_dir / "config.json").is_file():
+        return [Bar("judge", "held-out class accuracy", None, CLASSIFIER_ACCURACY)]
+    acc = accuracy(WorldClassifier.load(classifier_dir), images, scenes)
+    return [Bar("judge", f"held-out {k} accuracy", round(acc[k], 3), CLASSIFIER_ACCURACY, f"{len(images)} scenes")
+            for k in ("category", "context")]
+
+
+def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2, grid_png: Path | None = None
+          ) -> list[Bar]:
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise OpadError(f"--weights {str(weights)!r} is not a folder")
+    scenes = world_scenes(n_images, HELDOUT_WORLD)
+    images = np.stack([np.asarray(render(s)) for s in scenes])
+    return [check_vae(weights, images), *check_classifier(weights / "classifier", images, scenes),
+            *check_teacher(weights / "vae", weights / "teacher", weights / "classifier", per_pair, grid_png)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m opad.world.check",
+        description="Measure the mini world's models against their quality bars on held-out scenes "
+        f"(world seed {HELDOUT_WORLD}): VAE reconstruction PSNR >= {VAE_PSNR_DB:g} dB; the judge (the world "
+        f"classifier) right on >= {CLASSIFIER_ACCURACY:.0%} of real scenes; teacher samples ({TEACHER_STEPS} DDIM "
+        f"steps, CFG {TEACHER_GUIDANCE:g}) showing the prompted class and the prompted context >= "
+        f"{TEACHER_ACCURACY:.0%} of the time. Exits 1 if a built component misses its bar, 2 on bad arguments.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--weights", default=str(SHIPPED), help="folder with one subfolder per component")
+    p.add_argument("--images", type=int, default=512, help="held-out scenes to measure on")
+    p.add_argument("--per-pair", type=int, default=2, help="teacher samples per (class, context) pair")
+    p.add_argument("--grid", default=None, help="also save the teacher's samples, one per pair, to this PNG")
+    p.add_argument("--out", default=None, help="also write the report to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for flag, value in (("--images", args.images), ("--per-pair", args.per_pair)):
+            if value < 1:
+                raise OpadError(f"{flag} must be at least 1, got {value}")
+        bars = check(args.weights, args.images, args.per_pair, Path(args.grid) if args.grid else None)
+        if args.out:
+            Path(args.out).write_text(json.dumps([asdict(b) | {"met": b.met} for b in bars], indent=2) + "\n")
+    except (OpadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for b in bars:
+        print(b.line())
+    return 1 if any(b.met is False for b in bars) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
