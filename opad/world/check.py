@@ -51,7 +51,8 @@ class Bar:
             return f"{self.component:8s} {self.measure:34s} not built yet"
         verdict = "ok" if self.met else "MISSED"
         show = (lambda v: f"{v:.1%}") if self.bar <= 1 else (lambda v: f"{v:.2f}")  # fractions as percentages
-        return f"{self.component:8s} {self.measure:34s} {show(self.value):>7s} (bar {show(self.bar)})  {verdict}  {self.detail}"
+        value = f"{show(self.value):>7s} (bar {show(self.bar)})"
+        return f"{self.component:8s} {self.measure:34s} {value}  {verdict}  {self.detail}"
 
 
 def heldout_images(n: int, size: int = 64) -> np.ndarray:
