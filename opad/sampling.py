@@ -14,19 +14,14 @@ from opad.diffusion import (
     unet_prediction,
 )
 from opad.models.loading import ModelBundle
+from opad.models.tokenizer import prompt_ids
 
 STUDENT_STEPS = (1, 2, 4)
 
 
 def encode_prompts(bundle: ModelBundle, prompts: list[str], text_encoder: torch.nn.Module | None = None) -> Tensor:
     """Text-encoder hidden states (B, 77, D), tokenized as diffusers' SD 2.x pipelines do."""
-    ids = bundle.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=bundle.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(bundle.device)
+    ids = prompt_ids(bundle.tokenizer, prompts).to(bundle.device)
     return (text_encoder or bundle.text_encoder)(ids)[0]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 
+import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTokenizer
 
@@ -28,6 +29,12 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == VOCAB_SIZE, len(tokens)
     return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def prompt_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (B, model_max_length) padded and truncated as diffusers' SD 2.x pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def build_sd2_tokenizer() -> CLIPTokenizer:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from opad.errors import OpadError
-from opad.fsutil import check_can_create, staged_dir
+from opad.fsutil import check_can_create, staged_dir, write_json
 from opad.world import check, classifier, component, teacher, vae
 from opad.world.layout import HELDOUT_WORLD, SUMMARY, TRAIN_WORLD
 from opad.world.pool import Pool, load_pool
@@ -129,9 +129,7 @@ def build(out: str | Path, names: list[str] | None = None, *, device: str = "aut
     for name in sorted(names, key=list(COMPONENTS).index):
         summary[name] = build_component(COMPONENTS[name], out, data, dev, steps=steps, progress=progress,
                                         overrides=(overrides or {}).get(name))
-        tmp = summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(summary_path)
+        write_json(summary_path, summary)
     return summary
 
 

@@ -132,8 +132,7 @@ def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2,
     weights = Path(weights)
     if not weights.is_dir():
         raise OpadError(f"--weights {str(weights)!r} is not a folder")
-    scenes = world_scenes(n_images, HELDOUT_WORLD)
-    images = np.stack([np.asarray(render(s)) for s in scenes])
+    images, scenes = heldout_images(n_images), world_scenes(n_images, HELDOUT_WORLD)
     return [check_vae(weights, images), *check_classifier(weights / "classifier", images, scenes),
             *check_teacher(weights / "vae", weights / "teacher", weights / "classifier", per_pair, grid_png)]
 

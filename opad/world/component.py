@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from opad.checkpoint import load_newest_readable, remove_partial, save_checkpoint
+from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.errors import OpadError
+from opad.fsutil import write_json
 
 RECORD = "record.json"
 
@@ -103,10 +104,9 @@ def read_record(folder: Path) -> dict:
 
 def _resume(run: Run) -> tuple[int, float]:
     remove_partial(run.folder)
-    try:
-        step, _, state, _ = load_newest_readable(run.folder)
-    except Exception:  # noqa: BLE001 - no checkpoint yet (or none readable): start from the beginning
+    if latest_checkpoint(run.folder) is None:
         return 0, 0.0
+    step, _, state, _ = load_newest_readable(run.folder)  # falls back past damaged ones; none readable: refused
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     return step, float(state["seconds"])
@@ -181,6 +181,4 @@ def save_fp16(model: torch.nn.Module, out: Path) -> None:
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = Path(folder) / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, Path(folder) / RECORD)
+    write_json(Path(folder) / RECORD, record)

@@ -36,8 +36,12 @@ class Pool:
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """Images ``index`` as float (B, 3, H, W) in [-1, 1], the VAE's input range."""
-        x = torch.from_numpy(self.images[index.numpy()]).permute(0, 3, 1, 2).float()
-        return x / 127.5 - 1.0
+        return to_model_range(self.images[index.numpy()])
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images as float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _render_chunk(seed: int, start: int, count: int, size: int) -> tuple[np.ndarray, list[str]]:

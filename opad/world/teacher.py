@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.fsutil import file_hash
-from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer
+from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer, prompt_ids
 from opad.tiny import teacher_scheduler
 from opad.world import component
 from opad.world.pool import Pool
@@ -74,11 +74,7 @@ def encode_pool(vae_dir: Path, pool: Pool, cache: Path, batch: int = 128) -> tor
 def caption_ids(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (N, 77) of the captions and (1, 77) of the empty prompt, padded as the pipelines pad."""
     tok = build_sd2_tokenizer()
-
-    def ids(texts: list[str]) -> torch.Tensor:
-        return tok(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-
-    return ids(captions), ids([""])
+    return prompt_ids(tok, captions), prompt_ids(tok, [""])
 
 
 def make_run(folder: Path, pool: Pool, device: torch.device, *, seed: int, vae_dir: Path, progress: bool = True,

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from opad.world import component
-from opad.world.pool import Pool
+from opad.world.pool import Pool, to_model_range
 
 BLOCKS = (32, 64, 64)
 HPARAMS = dict(steps=3600, batch=16, lr=1e-3, warmup=100, kl=1e-6, checkpoint_every=200)
@@ -46,6 +46,10 @@ def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(x).latent_dist.mode()).sample
 
 
+def _to_8bit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round()
+
+
 @torch.no_grad()
 def psnr(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> float:
     """PSNR in dB (peak 255) of the VAE's reconstructions of ``images`` (N, H, W, 3) uint8, after
@@ -54,10 +58,9 @@ def psnr(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> float:
     device, dtype = vae.device, vae.dtype
     se, count = 0.0, 0
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float()
-        y = reconstruct(vae, (x / 127.5 - 1).to(device, dtype)).float().cpu()
-        y = ((y.clamp(-1, 1) + 1) * 127.5).round()
-        se += (y - x).pow(2).sum().item()
+        x = to_model_range(images[i:i + batch])
+        y = reconstruct(vae, x.to(device, dtype)).float().cpu()
+        se += (_to_8bit(y) - _to_8bit(x)).pow(2).sum().item()
         count += x.numel()
     return 10 * math.log10(255**2 / (se / count))
 
