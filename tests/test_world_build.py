@@ -8,10 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors import safe_open
+from transformers import CLIPModel, CLIPTextModel
 
-from opad.world import build, check, component, layout, pool, preset, vae
+from opad import tiny
+from opad.models.tokenizer import build_sd2_tokenizer, prompt_ids
+from opad.world import build, check, clip, component, layout, pool, preset, student, teacher, vae
 from opad.world.classifier import WorldClassifier
 from opad.world.scenes import render, world_scenes
 
@@ -71,10 +74,12 @@ def test_a_cut_off_vae_run_resumes_to_the_same_weights(tmp_path, small_chunks):
 
 def test_build_ships_every_component_loadable_and_skips_finished_ones(tmp_path, small_chunks, capsys):
     build.build(tmp_path / "b", steps=2, train_images=10, heldout_images=6, progress=False,
-                overrides={"teacher": {"batch": 4, "check_samples": 3}})
+                overrides={"teacher": {"batch": 4, "check_samples": 3},
+                           "student": {"batch": 4, "pairs": 6, "pair_batch": 4, "teacher_steps": 2,
+                                       "check_samples": 3}})
     weights = tmp_path / "b" / "weights"
     summary = json.loads((weights / "build.json").read_text())
-    assert list(summary) == ["data", "vae", "classifier", "teacher"]
+    assert list(summary) == ["data", "vae", "classifier", "clip", "teacher", "student"]
     record = summary["vae"]
     assert record["steps"] == 2 and record["device"] == "cpu" and record["metrics"]["heldout_images"] == 6
     shipped = AutoencoderKL.from_pretrained(weights / "vae")  # the ordinary loaders read every part
@@ -82,8 +87,17 @@ def test_build_ships_every_component_loadable_and_skips_finished_ones(tmp_path, 
     stored = safe_open(weights / "vae" / "diffusion_pytorch_model.safetensors", "pt")
     assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"F16"}
     assert set(WorldClassifier.load(weights / "classifier").labels) == {"category", "context", "colour"}
-    pipe = preset.teacher_pipeline(weights / "vae", weights / "teacher")
+    pipe = preset.teacher_pipeline(weights)
     assert pipe.unet.config.upcast_attention and pipe.scheduler.config.prediction_type == "v_prediction"
+    towers = CLIPModel.from_pretrained(weights / "clip")  # the teacher is conditioned on its text tower
+    assert all(torch.equal(v, towers.text_model.state_dict()[k.removeprefix("text_model.")])
+               for k, v in pipe.text_encoder.state_dict().items())
+    assert 0 <= summary["clip"]["metrics"]["heldout_zero_shot_category"] <= 1
+    turbo = preset.student_pipeline(weights)  # SD-Turbo-shaped: Euler, trailing, epsilon, no upcast
+    assert turbo.scheduler.config.timestep_spacing == "trailing" and not turbo.unet.config.upcast_attention
+    assert sorted(p.name for p in (tmp_path / "b" / "student" / "pairs").iterdir()) == ["chunk-0000.npz",
+                                                                                        "chunk-0001.npz"]
+    assert 0 <= summary["student"]["metrics"]["class of 1-step samples"] <= 1
     teacher_metrics = summary["teacher"]["metrics"]
     assert 0 <= teacher_metrics["class of 25-step CFG samples"] <= 1 and (weights / "teacher" / "samples.png").is_file()
     capsys.readouterr()
@@ -94,6 +108,58 @@ def test_build_ships_every_component_loadable_and_skips_finished_ones(tmp_path, 
     assert build.main([*args[:2], "3", *args[3:]]) == 2  # resuming under another schedule: refused
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "teacher" in err and "steps=2 now 3" in err and err.count("\n") == 1
+
+
+def test_clip_loss_is_transformers_clip_loss():
+    torch.manual_seed(7)
+    model = clip.make_model()
+    captions = [f"a photo of a {c} {k}" for c in ("red mug", "blue bird", "white car") for k in ("indoors", "at night")]
+    images = torch.rand(len(captions), 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids(build_sd2_tokenizer(), captions), pixel_values=images, return_loss=True)
+        ours = clip.contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+    assert torch.allclose(ours, out.loss, atol=1e-5)
+
+
+def test_clip_text_embeddings_do_not_depend_on_padding_past_the_end_token():
+    """The clip run trains on captions cut after their longest end token; its text tower is causal and
+    pools there, so the cut must leave every embedding as the 77-token pipelines see it."""
+    torch.manual_seed(3)
+    model = clip.make_model().eval()
+    tok = build_sd2_tokenizer()
+    ids = prompt_ids(tok, ["a photo of a shiny red mug with white stripes on the beach", "a photo of a bird at night"])
+    cut = ids[:, :int((ids == tok.eos_token_id).int().argmax(1).max()) + 1]
+    assert cut.shape[1] < 20
+    with torch.no_grad():
+        assert torch.allclose(clip._text_embedding(model, ids), clip._text_embedding(model, cut), atol=1e-6)
+
+
+def test_distillation_pairs_and_student_outputs_are_what_the_diffusers_pipelines_sample():
+    """The student learns teacher latents drawn by opad.diffusion; they must be the latents the
+    check's pipelines (diffusers' own DDIM and Euler loops) produce from the same noise."""
+    torch.manual_seed(11)
+    text_encoder = CLIPTextModel(clip.text_config()).eval()
+    tok = build_sd2_tokenizer()
+    with torch.no_grad():
+        cond = text_encoder(prompt_ids(tok, ["a photo of a red mug indoors", "a photo of a bird at night"]))[0]
+        uncond = text_encoder(prompt_ids(tok, [""]))[0]
+    noise = torch.randn(2, 4, 16, 16)
+    for unet, scheduler, ours, kw in (
+        (teacher.make_unet(), tiny.teacher_scheduler(),
+         lambda u: student.teacher_x0(u, noise, cond, uncond, steps=3, guidance=7.5),
+         dict(num_inference_steps=3, guidance_scale=7.5, negative_prompt_embeds=uncond.expand_as(cond))),
+        (student.make_unet(), tiny.student_scheduler(), lambda u: student.student_x0(u, noise, cond),
+         dict(num_inference_steps=1, guidance_scale=0.0)),
+    ):
+        unet.eval()
+        pipe = StableDiffusionPipeline(vae=vae.make_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(prompt_embeds=cond, latents=noise.clone(), height=64, width=64, output_type="latent", **kw).images
+        with torch.no_grad():
+            got = ours(unet)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
 def test_build_refuses_a_component_whose_inputs_are_missing(tmp_path, capsys):

@@ -4,8 +4,9 @@ personalization visibly learns on a CPU.
 - Scenes: :mod:`opad.world.scenes` (scenes, captions, sampling, rendering, the CLI), drawing with
   :mod:`opad.world.objects` (one function per object class) and :mod:`opad.world.contexts` (one
   per background); :mod:`opad.world.pool` renders and caches them in bulk.
-- Models: :mod:`opad.world.vae`, :mod:`opad.world.teacher` (text encoder + UNet) and the judge
-  :mod:`opad.world.classifier`, each trained by the resumable loop in :mod:`opad.world.component`,
+- Models: :mod:`opad.world.vae`, the judge :mod:`opad.world.classifier`, the clip-family towers
+  :mod:`opad.world.clip` (whose text tower is the world's text encoder) and the teacher UNet
+  :mod:`opad.world.teacher`, each trained by the resumable loop in :mod:`opad.world.component`,
   built in order by ``python -m opad.world.build`` and measured by ``python -m opad.world.check``;
   :mod:`opad.world.preset` assembles them into diffusers pipelines. The shipped weights are in
   ``opad/world/weights`` (:mod:`opad.world.layout`).

@@ -20,7 +20,7 @@ import torch
 
 from opad.errors import OpadError
 from opad.fsutil import check_can_create, staged_dir, write_json
-from opad.world import check, classifier, component, teacher, vae
+from opad.world import check, classifier, clip, component, student, teacher, vae
 from opad.world.layout import HELDOUT_WORLD, SUMMARY, TRAIN_WORLD
 from opad.world.pool import Pool, load_pool
 
@@ -51,15 +51,31 @@ def _finish_classifier(run: component.Run, data: Data, out: Path) -> dict:
     return classifier.finish(run.model, data.heldout, out)
 
 
+def _finish_clip(run: component.Run, data: Data, out: Path) -> dict:
+    return clip.finish(run.model, data.heldout, out)
+
+
 def _teacher_run(folder: Path, pool: Pool, device: torch.device, **kw) -> component.Run:
-    return teacher.make_run(folder, pool, device, vae_dir=folder.parent / "weights" / "vae", **kw)
+    weights = folder.parent / "weights"
+    return teacher.make_run(folder, pool, device, vae_dir=weights / "vae", clip_dir=weights / "clip", **kw)
 
 
 def _finish_teacher(run: component.Run, data: Data, out: Path) -> dict:
-    metrics = teacher.finish(run.model, out)
-    weights = out.parent
-    bars = check.check_teacher(weights / "vae", out, weights / "classifier", grid_png=out / "samples.png",
-                               samples=run.hparams["check_samples"])
+    metrics = component.ship_ema_unet(run.model, out)
+    bars = check.check_sampled(check.TEACHER, out.parent, grid_png=out / "samples.png",
+                               samples=run.hparams["check_samples"], unet_dir=out)
+    return {**metrics, **{b.measure: b.value for b in bars}}
+
+
+def _student_run(folder: Path, pool: Pool, device: torch.device, **kw) -> component.Run:
+    weights = folder.parent / "weights"
+    return student.make_run(folder, pool, device, clip_dir=weights / "clip", teacher_dir=weights / "teacher", **kw)
+
+
+def _finish_student(run: component.Run, data: Data, out: Path) -> dict:
+    metrics = component.ship_ema_unet(run.model, out)
+    bars = check.check_sampled(check.STUDENT, out.parent, grid_png=out / "samples.png",
+                               samples=run.hparams["check_samples"], unet_dir=out)
     return {**metrics, **{b.measure: b.value for b in bars}}
 
 
@@ -68,8 +84,11 @@ COMPONENTS: dict[str, Component] = {
     "vae": Component("vae", seed=1, hparams=vae.HPARAMS, make_run=vae.make_run, finish=_finish_vae),
     "classifier": Component("classifier", seed=2, hparams=classifier.HPARAMS, make_run=classifier.make_run,
                             finish=_finish_classifier),
+    "clip": Component("clip", seed=4, hparams=clip.HPARAMS, make_run=clip.make_run, finish=_finish_clip),
     "teacher": Component("teacher", seed=3, hparams=teacher.HPARAMS, make_run=_teacher_run, finish=_finish_teacher,
-                         needs=("vae", "classifier")),
+                         needs=("vae", "classifier", "clip")),
+    "student": Component("student", seed=5, hparams=student.HPARAMS, make_run=_student_run, finish=_finish_student,
+                         needs=("vae", "classifier", "clip", "teacher")),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,20 +19,25 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from torchvision.transforms.functional import to_pil_image
+from transformers import CLIPModel
 
 from opad.errors import OpadError
 from opad.world import vae as world_vae
 from opad.world.classifier import WorldClassifier, accuracy
+from opad.world.clip import zero_shot_accuracy
 from opad.world.contexts import CONTEXTS
 from opad.world.layout import HELDOUT_WORLD, SHIPPED
 from opad.world.objects import CLASSES
-from opad.world.preset import teacher_pipeline
+from opad.world.pool import Pool
+from opad.world.preset import student_pipeline, teacher_pipeline
 from opad.world.scenes import COLOURS, Scene, caption, grid, render, world_scenes
 
 VAE_PSNR_DB = 26.0
 TEACHER_ACCURACY = 0.8  # of the prompted class, and of the prompted context, at 25 DDIM steps with CFG
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
+STUDENT_ACCURACY = 0.7  # the same, for 1-step samples of the student
 CLASSIFIER_ACCURACY = 0.95  # the judge must itself be right on real scenes before it judges samples
+CLIP_ACCURACY = 0.9  # the towers pick a held-out scene's caption over its class (context) swapped ones
 
 
 @dataclass
@@ -48,11 +54,11 @@ class Bar:
 
     def line(self) -> str:
         if self.value is None:
-            return f"{self.component:8s} {self.measure:34s} not built yet"
+            return f"{self.component:8s} {self.measure:38s} not built yet"
         verdict = "ok" if self.met else "MISSED"
         show = (lambda v: f"{v:.1%}") if self.bar <= 1 else (lambda v: f"{v:.2f}")  # fractions as percentages
         value = f"{show(self.value):>7s} (bar {show(self.bar)})"
-        return f"{self.component:8s} {self.measure:34s} {value}  {verdict}  {self.detail}"
+        return f"{self.component:8s} {self.measure:38s} {value}  {verdict}  {self.detail}"
 
 
 def heldout_images(n: int, size: int = 64) -> np.ndarray:
@@ -83,12 +89,13 @@ def class_context_prompts(per_pair: int = 2) -> list[tuple[str, str, str]]:
 
 
 @torch.no_grad()
-def sample_teacher(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, batch: int = 48) -> torch.Tensor:
-    """The teacher's images (N, 3, 64, 64) in [0, 1], 25 DDIM steps with CFG 7.5, seeded per batch."""
+def sample(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int = 0,
+           batch: int = 48) -> torch.Tensor:
+    """A pipeline's images (N, 3, 64, 64) in [0, 1], seeded per batch."""
     images = []
     pipe.set_progress_bar_config(disable=True)
     for i in range(0, len(prompts), batch):
-        out = pipe(prompts[i:i + batch], num_inference_steps=TEACHER_STEPS, guidance_scale=TEACHER_GUIDANCE,
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
                    height=64, width=64, generator=torch.Generator().manual_seed(seed + i), output_type="pt")
         images.append(out.images.float().cpu())
     return torch.cat(images)
@@ -102,21 +109,41 @@ def prompted_accuracy(classifier: WorldClassifier, images: torch.Tensor, expecte
             "context": float(np.mean([g == e[2] for g, e in zip(got["context"], expected)]))}
 
 
-def check_teacher(vae_dir: Path, teacher_dir: Path, classifier_dir: Path, per_pair: int = 2,
-                  grid_png: Path | None = None, samples: int | None = None) -> list[Bar]:
-    """The prompted-class and prompted-context accuracy of teacher samples (the first ``samples`` of
-    :func:`class_context_prompts`, all by default)."""
-    names = ("teacher", "class of 25-step CFG samples"), ("teacher", "context of 25-step CFG samples")
-    needed = (vae_dir / "config.json", teacher_dir / "unet" / "config.json", classifier_dir / "config.json")
-    if not all(p.is_file() for p in needed):
-        return [Bar(c, m, None, TEACHER_ACCURACY) for c, m in names]
+@dataclass(frozen=True)
+class Sampler:
+    """How a diffusion component is sampled for its bar."""
+
+    component: str
+    pipeline: Callable[..., StableDiffusionPipeline]  # (weights, unet_dir=...) -> pipeline
+    steps: int
+    guidance: float
+    bar: float
+    what: str  # "25-step CFG", "1-step"
+
+
+TEACHER = Sampler("teacher", lambda w, d: teacher_pipeline(w, teacher_dir=d), TEACHER_STEPS, TEACHER_GUIDANCE,
+                  TEACHER_ACCURACY, "25-step CFG")
+# SD-Turbo samples without guidance (guidance_scale 0 skips the unconditional branch)
+STUDENT = Sampler("student", lambda w, d: student_pipeline(w, student_dir=d), 1, 0.0, STUDENT_ACCURACY, "1-step")
+
+
+def check_sampled(s: Sampler, weights: Path, per_pair: int = 2, grid_png: Path | None = None,
+                  samples: int | None = None, unet_dir: Path | None = None) -> list[Bar]:
+    """The prompted-class and prompted-context accuracy of a component's samples (the first
+    ``samples`` of :func:`class_context_prompts`, all by default), judged by ``weights/classifier``."""
+    names = (s.component, f"class of {s.what} samples"), (s.component, f"context of {s.what} samples")
+    unet_dir = unet_dir or weights / s.component
+    classifier_dir = weights / "classifier"
+    needed = (weights / "vae", weights / "clip", unet_dir, classifier_dir)
+    if not all((p / "config.json").is_file() for p in needed):
+        return [Bar(c, m, None, s.bar) for c, m in names]
     expected = class_context_prompts(per_pair)[:samples]
-    images = sample_teacher(teacher_pipeline(vae_dir, teacher_dir), [e[0] for e in expected])
+    images = sample(s.pipeline(weights, unet_dir), [e[0] for e in expected], s.steps, s.guidance)
     if grid_png is not None:
         grid([to_pil_image(x) for x in images[:len(CLASSES) * len(CONTEXTS)]], columns=len(CONTEXTS)).save(grid_png)
     acc = prompted_accuracy(WorldClassifier.load(classifier_dir), images, expected)
     detail = f"{len(images)} samples, {len(CLASSES)} classes x {len(CONTEXTS)} contexts"
-    return [Bar(c, m, round(acc[k], 3), TEACHER_ACCURACY, detail) for (c, m), k in zip(names, ("category", "context"))]
+    return [Bar(c, m, round(acc[k], 3), s.bar, detail) for (c, m), k in zip(names, ("category", "context"))]
 
 
 def check_classifier(classifier_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
@@ -127,14 +154,27 @@ def check_classifier(classifier_dir: Path, images: np.ndarray, scenes: list[Scen
             for k in ("category", "context")]
 
 
-def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2, grid_png: Path | None = None
+def check_clip(clip_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
+    if not (clip_dir / "config.json").is_file():
+        return [Bar("clip", "held-out caption vs category-swapped", None, CLIP_ACCURACY)]
+    model = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32)
+    acc = zero_shot_accuracy(model, Pool(images, [caption(s) for s in scenes], scenes))
+    return [Bar("clip", f"held-out caption vs {k}-swapped", round(acc[k], 3), CLIP_ACCURACY, f"{len(images)} scenes")
+            for k in ("category", "context")]
+
+
+def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2, grids: Path | None = None
           ) -> list[Bar]:
     weights = Path(weights)
     if not weights.is_dir():
         raise OpadError(f"--weights {str(weights)!r} is not a folder")
+    if grids is not None:
+        grids.mkdir(parents=True, exist_ok=True)
     images, scenes = heldout_images(n_images), world_scenes(n_images, HELDOUT_WORLD)
     return [check_vae(weights, images), *check_classifier(weights / "classifier", images, scenes),
-            *check_teacher(weights / "vae", weights / "teacher", weights / "classifier", per_pair, grid_png)]
+            *check_clip(weights / "clip", images, scenes),
+            *[bar for s in (TEACHER, STUDENT)
+              for bar in check_sampled(s, weights, per_pair, grids and grids / f"{s.component}.png")]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,15 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m opad.world.check",
         description="Measure the mini world's models against their quality bars on held-out scenes "
         f"(world seed {HELDOUT_WORLD}): VAE reconstruction PSNR >= {VAE_PSNR_DB:g} dB; the judge (the world "
-        f"classifier) right on >= {CLASSIFIER_ACCURACY:.0%} of real scenes; teacher samples ({TEACHER_STEPS} DDIM "
+        f"classifier) right on >= {CLASSIFIER_ACCURACY:.0%} of real scenes; the clip towers preferring a scene's "
+        f"caption to its class- and context-swapped versions >= {CLIP_ACCURACY:.0%} of the time; teacher samples "
+        f"({TEACHER_STEPS} DDIM "
         f"steps, CFG {TEACHER_GUIDANCE:g}) showing the prompted class and the prompted context >= "
-        f"{TEACHER_ACCURACY:.0%} of the time. Exits 1 if a built component misses its bar, 2 on bad arguments.",
+        f"{TEACHER_ACCURACY:.0%} of the time, and 1-step student samples >= {STUDENT_ACCURACY:.0%}. Exits 1 if a "
+        "built component misses its bar, 2 on bad arguments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--weights", default=str(SHIPPED), help="folder with one subfolder per component")
     p.add_argument("--images", type=int, default=512, help="held-out scenes to measure on")
     p.add_argument("--per-pair", type=int, default=2, help="teacher samples per (class, context) pair")
-    p.add_argument("--grid", default=None, help="also save the teacher's samples, one per pair, to this PNG")
+    p.add_argument("--grids", default=None, metavar="DIR",
+                   help="also save the teacher's and the student's samples, one per pair, as DIR/teacher.png and "
+                   "DIR/student.png")
     p.add_argument("--out", default=None, help="also write the report to this JSON file")
     return p
 
@@ -161,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--images", args.images), ("--per-pair", args.per_pair)):
             if value < 1:
                 raise OpadError(f"{flag} must be at least 1, got {value}")
-        bars = check(args.weights, args.images, args.per_pair, Path(args.grid) if args.grid else None)
+        bars = check(args.weights, args.images, args.per_pair, Path(args.grids) if args.grids else None)
         if args.out:
             Path(args.out).write_text(json.dumps([asdict(b) | {"met": b.met} for b in bars], indent=2) + "\n")
     except (OpadError, OSError) as e:

@@ -163,6 +163,23 @@ def train(run: Run, log_every: int = 25) -> dict:
     return {"steps": run.steps, "train_seconds": round(seconds, 1)}
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, live: torch.nn.Module, step: int, decay: float) -> None:
+    """Move ``ema`` toward ``live``; the decay ramps up over the first steps, so early weights fade fast."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), live.parameters()):
+        p_ema.lerp_(p, 1 - d)
+
+
+def ship_ema_unet(model: torch.nn.ModuleDict, out: Path) -> dict:
+    """Save the ``ema`` half of a {live, ema} UNet pair as a diffusers UNet folder (fp16), with the
+    default attention processor (training may use another)."""
+    ema = model["ema"]
+    ema.set_default_attn_processor()
+    save_fp16(ema, out)
+    return {"unet_params": sum(p.numel() for p in ema.parameters())}
+
+
 def where() -> dict:
     """Where a component trained, for its record."""
     return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),

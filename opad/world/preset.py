@@ -10,20 +10,40 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
 
 from opad.models.tokenizer import build_sd2_tokenizer
-from opad.tiny import teacher_scheduler
+from opad.tiny import student_scheduler, teacher_scheduler
+from opad.world.clip import load_text_encoder
 
 
-def teacher_pipeline(vae_dir: Path, teacher_dir: Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """SD 2.1-shaped: the world VAE, ``teacher_dir/text_encoder`` and ``teacher_dir/unet``, DDIM v-prediction."""
+def teacher_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, teacher_dir: Path | None = None
+                     ) -> StableDiffusionPipeline:
+    """SD 2.1-shaped, from a weights folder: its ``vae``, the text tower of its ``clip`` and its
+    ``teacher`` UNet (or ``teacher_dir``), DDIM v-prediction."""
+    weights = Path(weights)
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype),
-        text_encoder=CLIPTextModel.from_pretrained(Path(teacher_dir) / "text_encoder", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=dtype),
+        text_encoder=load_text_encoder(weights / "clip", dtype),
         tokenizer=build_sd2_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(Path(teacher_dir) / "unet", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(teacher_dir or weights / "teacher", torch_dtype=dtype),
         scheduler=teacher_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def student_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, student_dir: Path | None = None
+                     ) -> StableDiffusionPipeline:
+    """SD-Turbo-shaped, from a weights folder: its ``vae``, its ``clip`` text tower (shared with the
+    teacher, as SD-Turbo shares SD 2.1's) and its ``student`` UNet, Euler with trailing spacing."""
+    weights = Path(weights)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=dtype),
+        text_encoder=load_text_encoder(weights / "clip", dtype),
+        tokenizer=build_sd2_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(student_dir or weights / "student", torch_dtype=dtype),
+        scheduler=student_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
