@@ -60,23 +60,19 @@ def _teacher_run(folder: Path, pool: Pool, device: torch.device, **kw) -> compon
     return teacher.make_run(folder, pool, device, vae_dir=weights / "vae", clip_dir=weights / "clip", **kw)
 
 
-def _finish_teacher(run: component.Run, data: Data, out: Path) -> dict:
-    metrics = component.ship_ema_unet(run.model, out)
-    bars = check.check_sampled(check.TEACHER, out.parent, grid_png=out / "samples.png",
-                               samples=run.hparams["check_samples"], unet_dir=out)
-    return {**metrics, **{b.measure: b.value for b in bars}}
+def _finish_sampled(sampler: check.Sampler) -> Callable[[component.Run, Data, Path], dict]:
+    """Ship a {live, ema} UNet component and measure its samples against its bar."""
+    def finish(run: component.Run, data: Data, out: Path) -> dict:
+        metrics = component.ship_ema_unet(run.model, out)
+        bars = check.check_sampled(sampler, out.parent, grid_png=out / "samples.png",
+                                   samples=run.hparams["check_samples"], unet_dir=out)
+        return {**metrics, **{b.measure: b.value for b in bars}}
+    return finish
 
 
 def _student_run(folder: Path, pool: Pool, device: torch.device, **kw) -> component.Run:
     weights = folder.parent / "weights"
     return student.make_run(folder, pool, device, clip_dir=weights / "clip", teacher_dir=weights / "teacher", **kw)
-
-
-def _finish_student(run: component.Run, data: Data, out: Path) -> dict:
-    metrics = component.ship_ema_unet(run.model, out)
-    bars = check.check_sampled(check.STUDENT, out.parent, grid_png=out / "samples.png",
-                               samples=run.hparams["check_samples"], unet_dir=out)
-    return {**metrics, **{b.measure: b.value for b in bars}}
 
 
 # in build order: each may use the shipped weights of those before it
@@ -85,9 +81,11 @@ COMPONENTS: dict[str, Component] = {
     "classifier": Component("classifier", seed=2, hparams=classifier.HPARAMS, make_run=classifier.make_run,
                             finish=_finish_classifier),
     "clip": Component("clip", seed=4, hparams=clip.HPARAMS, make_run=clip.make_run, finish=_finish_clip),
-    "teacher": Component("teacher", seed=3, hparams=teacher.HPARAMS, make_run=_teacher_run, finish=_finish_teacher,
+    "teacher": Component("teacher", seed=3, hparams=teacher.HPARAMS, make_run=_teacher_run,
+                         finish=_finish_sampled(check.TEACHER),
                          needs=("vae", "classifier", "clip")),
-    "student": Component("student", seed=5, hparams=student.HPARAMS, make_run=_student_run, finish=_finish_student,
+    "student": Component("student", seed=5, hparams=student.HPARAMS, make_run=_student_run,
+                         finish=_finish_sampled(check.STUDENT),
                          needs=("vae", "classifier", "clip", "teacher")),
 }
 

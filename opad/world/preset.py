@@ -16,35 +16,29 @@ from opad.tiny import student_scheduler, teacher_scheduler
 from opad.world.clip import load_text_encoder
 
 
-def teacher_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, teacher_dir: Path | None = None
-                     ) -> StableDiffusionPipeline:
-    """SD 2.1-shaped, from a weights folder: its ``vae``, the text tower of its ``clip`` and its
-    ``teacher`` UNet (or ``teacher_dir``), DDIM v-prediction."""
+def _pipeline(weights: Path, unet_dir: Path, scheduler, dtype: torch.dtype) -> StableDiffusionPipeline:
     weights = Path(weights)
     return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=dtype),
         text_encoder=load_text_encoder(weights / "clip", dtype),
         tokenizer=build_sd2_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(teacher_dir or weights / "teacher", torch_dtype=dtype),
-        scheduler=teacher_scheduler(),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def teacher_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, teacher_dir: Path | None = None
+                     ) -> StableDiffusionPipeline:
+    """SD 2.1-shaped, from a weights folder: its ``vae``, the text tower of its ``clip`` and its
+    ``teacher`` UNet (or ``teacher_dir``), DDIM v-prediction."""
+    return _pipeline(weights, teacher_dir or Path(weights) / "teacher", teacher_scheduler(), dtype)
 
 
 def student_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, student_dir: Path | None = None
                      ) -> StableDiffusionPipeline:
     """SD-Turbo-shaped, from a weights folder: its ``vae``, its ``clip`` text tower (shared with the
     teacher, as SD-Turbo shares SD 2.1's) and its ``student`` UNet, Euler with trailing spacing."""
-    weights = Path(weights)
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=dtype),
-        text_encoder=load_text_encoder(weights / "clip", dtype),
-        tokenizer=build_sd2_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(student_dir or weights / "student", torch_dtype=dtype),
-        scheduler=student_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _pipeline(weights, student_dir or Path(weights) / "student", student_scheduler(), dtype)

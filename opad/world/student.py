@@ -41,9 +41,11 @@ def make_unet() -> UNet2DConditionModel:
     return teacher.make_unet(upcast_attention=False)
 
 
-def student_x0(unet: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The student's 1-step latent from noise, as opad's sampler and diffusers' Euler pipeline compute it."""
-    alphas = student_scheduler().alphas_cumprod.to(noise.device)
+def student_x0(unet: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, alphas: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """The student's 1-step latent from noise, as opad's sampler and diffusers' Euler pipeline compute it
+    (``alphas``: the student scheduler's ᾱ on noise's device, to pass in a loop)."""
+    alphas = student_scheduler().alphas_cumprod.to(noise.device) if alphas is None else alphas
     return ddim_sample(lambda z, t: unet_prediction(unet, z, t, cond), turbo_initial_latent(noise, TURBO_T, alphas),
                        [TURBO_T], alphas, "epsilon")
 
@@ -105,11 +107,12 @@ def make_run(folder: Path, pool: Pool, device: torch.device, *, seed: int, clip_
     model = torch.nn.ModuleDict({"live": live, "ema": ema}).to(device)
     optimizer = torch.optim.AdamW(live.parameters(), lr=h["lr"], betas=(0.9, 0.99), weight_decay=0.01)
     bf16 = component.bf16_fast(device)
+    alphas = student_scheduler().alphas_cumprod.to(device)
 
     def step(i: int, g: torch.Generator) -> dict[str, float]:
         index = torch.randint(len(noise), (h["batch"],), generator=g)
         with component.autocast(device, bf16):
-            x0 = student_x0(live, noise[index].to(device), states[which[index].to(device)])
+            x0 = student_x0(live, noise[index].to(device), states[which[index].to(device)], alphas)
         loss = (x0.float() - target[index].to(device)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
