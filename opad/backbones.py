@@ -8,8 +8,10 @@ Backbones by name, each with its own input size and normalisation:
   encoder IP-Adapter ships, as in the release) at 224 px, OpenAI CLIP mean/std; optionally followed
   by IP-Adapter's image projection (4 tokens), whose per-token cosine is the identity feature.
 
-Weights come from a local file (or, for clip, a transformers ``CLIPVisionModelWithProjection``
-folder such as IP-Adapter's ``models/image_encoder``), from the hub only when asked (``hub`` /
+Weights come from a local file, a model folder that carries its own input size and normalisation
+(for dino_v1/dino_v2 timm's, ``config.json`` + ``model.safetensors``; for clip a transformers
+``CLIPVisionModelWithProjection`` or ``CLIPModel`` folder such as IP-Adapter's ``models/image_encoder``;
+the mini world ships one of each family at 64 px), from the hub only when asked (``hub`` /
 ``hub:TAG``), or, for the tiny preset, are random tiny models of the same families (``tiny``).
 
 Resizing to the input size is bilinear with antialiasing by default; ``area`` is the release's for
@@ -21,9 +23,9 @@ input from one image in one op, then runs the encoders, on their own CUDA stream
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import open_clip
 import safetensors.torch
@@ -226,6 +228,8 @@ def _timm_encoder(name: str, timm_name: str, source: str, seed: int, flag: str |
             return timm.create_model(timm_name, pretrained=False, num_classes=0, **_TINY_VIT)
     if source.startswith("hub"):
         source = _timm_hub_file(name, timm_name, source, flag)
+    if Path(source).is_dir():  # timm's own model folder: config.json names the architecture and its size
+        return timm.create_model(f"local-dir:{source}", pretrained=True, num_classes=0)
     return timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": source})
 
 
@@ -258,8 +262,10 @@ def _load_clip_visual(arch: str, path: str, quick_gelu: bool | None = None) -> n
     return visual.float()
 
 
-def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
-    """(encoder, input size) for the clip backbone."""
+def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int, Sequence[float], Sequence[float]]:
+    """(encoder, input size, mean, std) for the clip backbone: OpenAI CLIP's normalisation, or a
+    transformers folder's own (its ``preprocessor_config.json``; the mini world's is [-1, 1])."""
+    openai = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     if source == "tiny":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -268,14 +274,25 @@ def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
                 vision_cfg=dict(layers=2, width=32, head_width=16, patch_size=16, image_size=224),
                 text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1),
             )
-        return model.visual, 224
+        return model.visual, 224, *openai
     if Path(source).is_dir():  # IP-Adapter's models/image_encoder (transformers format)
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
+
+        from opad.models.quiet import quiet_transformers
 
         # float32 as the release (util_disc.py IPAdapterDisc: dtype=torch.float32); transformers 5
         # would otherwise keep the checkpoint's dtype (IP-Adapter's image_encoder is stored in fp16)
-        model = CLIPVisionModelWithProjection.from_pretrained(source, local_files_only=True, dtype=torch.float32)
-        return _TransformersVision(model), model.config.image_size
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        if isinstance(config, CLIPConfig):  # a whole CLIPModel (the mini world's): its image tower
+            config.vision_config.projection_dim = config.projection_dim
+            config = config.vision_config
+        with quiet_transformers():  # a CLIPModel's text tower is not wanted: no table of unused weights
+            model = CLIPVisionModelWithProjection.from_pretrained(source, config=config, local_files_only=True,
+                                                                  dtype=torch.float32)
+        processor = Path(source) / "preprocessor_config.json"  # IP-Adapter's image_encoder has none
+        norm = json.loads(processor.read_text()) if processor.is_file() else {}
+        return (_TransformersVision(model), model.config.image_size, norm.get("image_mean", openai[0]),
+                norm.get("image_std", openai[1]))
     if source.startswith("hub"):
         tag = source.partition(":")[2] or CLIP_DEFAULT_TAGS.get(arch, "openai")
         cfg = open_clip.get_pretrained_cfg(arch, tag)
@@ -291,8 +308,8 @@ def _clip_encoder(arch: str, source: str, seed: int) -> tuple[nn.Module, int]:
         if not path:
             raise OpadError(f"could not download the clip backbone: open_clip {arch} pretrained {tag!r} ({where})")
         # the tag knows whether its weights need QuickGELU (OpenAI's); open_clip's create_model only warns
-        return _load_clip_visual(arch, path, cfg.get("quick_gelu", False)), _clip_input_size(arch)
-    return _load_clip_visual(arch, source), _clip_input_size(arch)
+        return _load_clip_visual(arch, path, cfg.get("quick_gelu", False)), _clip_input_size(arch), *openai
+    return _load_clip_visual(arch, source), _clip_input_size(arch), *openai
 
 
 def _clip_input_size(arch: str) -> int:
@@ -358,19 +375,25 @@ def build_backbone(
     if resize not in RESIZE_MODES:  # before loading any weights
         raise OpadError(f"unknown resize mode {resize!r}; choose from {', '.join(RESIZE_MODES)}")
     local = source not in ("tiny",) and not source.startswith("hub")
-    if local and not (Path(source).is_file() or (name == "clip" and Path(source).is_dir())):
+    if local and not (Path(source).is_file() or Path(source).is_dir()):
         raise OpadError(f"{name} backbone weights file not found: {source!r}")
+    if local and Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise OpadError(f"{name} backbone folder {source!r} has no config.json: not a "
+                        f"{'transformers CLIP' if name == 'clip' else 'timm'} model folder")
     projection = None
     try:
         if name == "clip":
-            encoder, size = _clip_encoder(clip_arch, source, seed)
-            mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+            encoder, size, mean, std = _clip_encoder(clip_arch, source, seed)
         else:
             if name == "dino_v2" and ("dino_v2", dino_v2_size) not in TIMM_NAMES:
                 raise OpadError(f"unknown DINOv2 size {dino_v2_size!r} (--dino-v2-size); choose small or large")
             timm_name = TIMM_NAMES["dino_v1"] if name == "dino_v1" else TIMM_NAMES[("dino_v2", dino_v2_size)]
             encoder = _timm_encoder(name, timm_name, source, seed)
-            size, mean, std = (224 if name == "dino_v1" else 518), IMAGENET_MEAN, IMAGENET_STD
+            if Path(source).is_dir():  # a timm model folder (the mini world's): its own input size and normalisation
+                cfg = encoder.pretrained_cfg
+                size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
+            else:
+                size, mean, std = (224 if name == "dino_v1" else 518), IMAGENET_MEAN, IMAGENET_STD
         if ip_adapter is not None:
             pooled = FrozenBackbone(name, encoder, size, mean, std).feature_dim
             projection = _ip_adapter_projection(ip_adapter, pooled, seed)

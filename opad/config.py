@@ -150,7 +150,8 @@ class TrainConfig:
                         "a smaller one such as ViT-B-16 (86M, 0.32 GiB, 35 GFLOP)")
     ip_adapter: str = _f("auto", "IP-Adapter image projection on the clip features (identity = per-token cosine): "
                          "FILE, hub, none, or auto (hub when clip=hub with ViT-H-14; tiny on the tiny preset)")
-    backbone_weights: list[str] = _f([], "NAME=FILE or NAME=hub per backbone (comma list); tiny preset: random tiny")
+    backbone_weights: list[str] = _f([], "NAME=FILE, NAME=DIR (a timm or, for clip, transformers model folder, "
+                                    "e.g. the mini world's) or NAME=hub per backbone (comma list); tiny preset: random tiny")
 
     # collaborative stage
     collab_start: float | None = _p("start of the collaborative stage, as a fraction of max-steps (none: off)")
@@ -272,7 +273,8 @@ class TrainConfig:
         for entry in c.backbone_weights:
             name, _, value = entry.partition("=")
             if name not in DISCRIMINATORS or not value:
-                raise OpadError(f"--backbone-weights entry {entry!r} must be NAME=FILE or NAME=hub, NAME in {DISCRIMINATORS}")
+                raise OpadError(f"--backbone-weights entry {entry!r} must be NAME=FILE, NAME=DIR or NAME=hub, NAME in "
+                                f"{DISCRIMINATORS}")
 
     def backbone_sources(self) -> dict[str, str]:
         return dict(entry.split("=", 1) for entry in self.backbone_weights)

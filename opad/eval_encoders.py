@@ -2,7 +2,8 @@
 preprocessing.
 
 - DINO: timm ``vit_small_patch16_224.dino`` (ViT-S/16), the CLS embedding; images resized to 256
-  (bicubic), centre-cropped to 224, ImageNet mean/std.
+  (bicubic), centre-cropped to 224, ImageNet mean/std. Or a timm model folder with its own input
+  size and normalisation: the mini world's held-out evaluation encoder.
 - CLIP: open_clip ``ViT-B-32`` by default (``ViT-L-14`` and others selectable), image and text
   embeddings, with open_clip's own evaluation transform for the architecture.
 
@@ -30,12 +31,19 @@ BATCH = 16
 
 
 def _source_id(source: str) -> str:
-    """What identifies the weights in a manifest and the embedding cache: a hub id, or the file's hash."""
+    """What identifies the weights in a manifest and the embedding cache: a hub id, or the hash of the
+    file (of a timm model folder's weights file)."""
     if source == "tiny" or source.startswith("hub"):
         return source
-    if not Path(source).is_file():
+    path = Path(source)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not (path / "config.json").is_file() or not weights:
+            raise OpadError(f"{source!r} is not a timm model folder (config.json and a weights file)")
+        path = weights[0]
+    if not path.is_file():
         raise OpadError(f"weights file not found: {source!r}")
-    return f"sha256:{file_hash(source)[:16]}"
+    return f"sha256:{file_hash(path)[:16]}"
 
 
 class Encoder:
@@ -71,8 +79,15 @@ class DinoEncoder(Encoder):
         except (RuntimeError, ValueError, OSError) as e:
             raise OpadError(f"--dino-weights {source}: not a {DINO_TIMM} checkpoint ({first_line(e)})") from e
         self.model = model.eval()
-        self.transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
-                                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if Path(source).is_dir():  # a timm model folder (the mini world's): its own size and normalisation
+            cfg = model.pretrained_cfg
+            size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
+            self.model_id = f"timm:{cfg['architecture']}@{_source_id(source)}"
+            self.transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                                        T.ToTensor(), T.Normalize(mean, std)])
+        else:  # the common protocol's 256 -> 224 centre crop
+            self.transform = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                                        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def _embed_images(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch)  # num_classes=0 with token pooling: the CLS embedding after the last norm

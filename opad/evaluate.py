@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (all or nothing)")
     p.add_argument("--manifest", default=None, help="CSV or JSON lines: file, subject[, prompt, seed, prompt_type]")
     p.add_argument("--dino-weights", default=None,
-                   help="DINO ViT-S/16 weights: FILE (timm/official checkpoint), hub (downloads), or tiny (tests)")
+                   help="DINO ViT-S/16 weights: FILE (timm/official checkpoint), DIR (a timm model folder "
+                   "with its own input size, e.g. the mini world's opad/world/weights/eval_encoder), hub (downloads), "
+                   "or tiny (tests)")
     p.add_argument("--clip-weights", default=None,
                    help="CLIP weights: FILE (open_clip checkpoint), hub[:TAG] (downloads; TAG default openai), or tiny")
     p.add_argument("--clip-arch", default=CLIP_DEFAULT_ARCH, help="open_clip architecture, e.g. ViT-B-32 or ViT-L-14")

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=25, help="the first N of the subject's 25 DreamBench prompts")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1)")
     p.add_argument("--steps", default="1", help="student step counts to generate and score, e.g. 1 or 1,2,4")
-    p.add_argument("--dino-weights", default=None, help="as python -m opad.evaluate (FILE, hub or tiny)")
+    p.add_argument("--dino-weights", default=None, help="as python -m opad.evaluate (FILE, DIR, hub or tiny)")
     p.add_argument("--clip-weights", default=None, help="as python -m opad.evaluate (FILE, hub[:TAG] or tiny)")
     p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture for CLIP-I / CLIP-T")
     p.add_argument("--train-arg", action="append", default=[], help="an extra trainer flag, e.g. --train-arg=--seed=3")

@@ -186,7 +186,7 @@ CASES = [
     T("lpips-net-unknown", ["--lpips-net", "squeeze"], "--lpips-net must be one of vgg, alex"),
     T("resize-unknown", ["--backbone-resize", "nearest"], "--backbone-resize must be one of"),
     T("discriminator-unknown", ["--discriminators", "dino_v1,stylegan"], "unknown discriminator 'stylegan'"),
-    T("backbone-weights-no-equals", ["--backbone-weights", "clip"], "must be NAME=FILE or NAME=hub"),
+    T("backbone-weights-no-equals", ["--backbone-weights", "clip"], "must be NAME=FILE, NAME=DIR or NAME=hub"),
     T("backbone-weights-missing-file", ["--backbone-weights", "clip={tmp}/nope.safetensors"],
       "clip backbone weights file not found"),
     T("ip-adapter-missing-file", ["--ip-adapter", "{tmp}/nope.bin"], "IP-Adapter projection file not found"),

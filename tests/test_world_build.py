@@ -79,7 +79,8 @@ def test_build_ships_every_component_loadable_and_skips_finished_ones(tmp_path, 
                                        "check_samples": 3}})
     weights = tmp_path / "b" / "weights"
     summary = json.loads((weights / "build.json").read_text())
-    assert list(summary) == ["data", "vae", "classifier", "clip", "teacher", "student"]
+    assert list(summary) == ["data", "vae", "classifier", "clip", "teacher", "student", "dino_v1", "dino_v2",
+                             "eval_encoder"]
     record = summary["vae"]
     assert record["steps"] == 2 and record["device"] == "cpu" and record["metrics"]["heldout_images"] == 6
     shipped = AutoencoderKL.from_pretrained(weights / "vae")  # the ordinary loaders read every part
@@ -98,6 +99,10 @@ def test_build_ships_every_component_loadable_and_skips_finished_ones(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "b" / "student" / "pairs").iterdir()) == ["chunk-0000.npz",
                                                                                         "chunk-0001.npz"]
     assert 0 <= summary["student"]["metrics"]["class of 1-step samples"] <= 1
+    assert summary["student"]["pair_chunks"] == summary["student"]["pair_chunks_timed"] == 2  # drawn here, timed
+    for kind in ("dino_v1", "dino_v2", "eval_encoder"):  # timm folders, with their bars' measures
+        assert (weights / kind / "config.json").is_file()
+        assert 0 <= summary[kind]["metrics"]["held-out instance ranking"] <= 1
     teacher_metrics = summary["teacher"]["metrics"]
     assert 0 <= teacher_metrics["class of 25-step CFG samples"] <= 1 and (weights / "teacher" / "samples.png").is_file()
     capsys.readouterr()

@@ -1,10 +1,11 @@
 """``python -m opad.world.build OUT``: train the mini world's models from scratch, resumably.
 
 ``OUT/data/`` holds the rendered image pools, ``OUT/<component>/`` each component's checkpoints,
-log and record, and ``OUT/weights/`` what ships: one diffusers-format folder per component (fp16)
-and ``build.json`` (where, how long and how well each trained). Run it again after a cut-off and it
-continues from each component's last checkpoint; a finished component is skipped. The shipped
-weights in ``opad/world/weights/`` are a copy of ``OUT/weights/``.
+log and record, and ``OUT/weights/`` what ships: one folder per component in its library's format
+(diffusers, transformers or timm; fp16) and ``build.json`` (where, how long and how well each
+trained). Run it again after a cut-off and it continues from each component's last checkpoint; a
+finished component is skipped. The shipped weights in ``opad/world/weights/`` are a copy of
+``OUT/weights/``, less the components that miss their bars.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from opad.errors import OpadError
 from opad.fsutil import check_can_create, staged_dir, write_json
-from opad.world import check, classifier, clip, component, student, teacher, vae
+from opad.world import check, classifier, clip, component, encoders, student, teacher, vae
 from opad.world.layout import HELDOUT_WORLD, SUMMARY, TRAIN_WORLD
 from opad.world.pool import Pool, load_pool
 
@@ -70,6 +71,18 @@ def _finish_sampled(sampler: check.Sampler) -> Callable[[component.Run, Data, Pa
     return finish
 
 
+def _encoder(kind: str, seed: int) -> Component:
+    """A self-supervised world ViT: ship its backbone as timm's folder, measure it against its bars."""
+    def finish(run: component.Run, data: Data, out: Path) -> dict:
+        encoders.save_vit(encoders.shipped_backbone(kind, run.model), out, kind)
+        bars = check.check_encoder(kind, out, data.heldout.images, data.heldout.scenes)
+        return {b.measure: b.value for b in bars}
+    def make_run(folder: Path, pool: Pool, device: torch.device, *, progress: bool = True, **kw) -> component.Run:
+        reposed = load_pool(folder.parent / "data", len(pool), TRAIN_WORLD, reposed=True, progress=progress)
+        return encoders.make_run(kind, folder, pool, reposed, device, progress=progress, **kw)
+    return Component(kind, seed=seed, hparams=encoders.HPARAMS[kind], make_run=make_run, finish=finish)
+
+
 def _student_run(folder: Path, pool: Pool, device: torch.device, **kw) -> component.Run:
     weights = folder.parent / "weights"
     return student.make_run(folder, pool, device, clip_dir=weights / "clip", teacher_dir=weights / "teacher", **kw)
@@ -87,6 +100,9 @@ COMPONENTS: dict[str, Component] = {
     "student": Component("student", seed=5, hparams=student.HPARAMS, make_run=_student_run,
                          finish=_finish_sampled(check.STUDENT),
                          needs=("vae", "classifier", "clip", "teacher")),
+    "dino_v1": _encoder("dino_v1", seed=6),
+    "dino_v2": _encoder("dino_v2", seed=7),
+    "eval_encoder": _encoder("eval_encoder", seed=8),  # another seed and objective than the backbones
 }
 
 
@@ -119,7 +135,8 @@ def build_component(c: Component, out: Path, data: Data, device: torch.device, *
     with staged_dir(out / "weights" / c.name, replace=True) as tmp:
         metrics = c.finish(run, data, tmp)
     record = {"component": c.name, "device": str(device), "bf16_autocast": component.bf16_fast(device),
-              "seed": c.seed, "hparams": hparams, **timing, "metrics": metrics, "where": component.where()}
+              "seed": c.seed, "hparams": hparams, **timing, **(run.prepare or {}), "metrics": metrics,
+              "where": component.where()}
     component.write_record(folder, record)
     return record
 
@@ -155,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m opad.world.build",
         description="Train the mini world's models from scratch into OUT: renders the training and held-out image "
         "pools (OUT/data), trains each component with checkpoints (OUT/<component>), and writes the fp16 "
-        "diffusers folders that ship plus build.json (OUT/weights). Deterministic for a given device and thread "
-        "count. Run it again after a cut-off to continue from the last checkpoints.",
+        "folders that ship (diffusers, transformers or timm format) plus build.json (OUT/weights). Deterministic "
+        "for a given device and thread count. Run it again after a cut-off to continue from the last checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out", metavar="OUT", help="build folder (created; an existing one is resumed)")

@@ -9,6 +9,7 @@ built yet is reported as such, not as a failure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -22,13 +23,14 @@ from torchvision.transforms.functional import to_pil_image
 from transformers import CLIPModel
 
 from opad.errors import OpadError
+from opad.world import encoders
 from opad.world import vae as world_vae
 from opad.world.classifier import WorldClassifier, accuracy
 from opad.world.clip import zero_shot_accuracy
 from opad.world.contexts import CONTEXTS
 from opad.world.layout import HELDOUT_WORLD, SHIPPED
 from opad.world.objects import CLASSES
-from opad.world.pool import Pool
+from opad.world.pool import Pool, pool_scenes
 from opad.world.preset import student_pipeline, teacher_pipeline
 from opad.world.scenes import COLOURS, Scene, caption, grid, render, world_scenes
 
@@ -38,6 +40,9 @@ TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 STUDENT_ACCURACY = 0.7  # the same, for 1-step samples of the student
 CLASSIFIER_ACCURACY = 0.95  # the judge must itself be right on real scenes before it judges samples
 CLIP_ACCURACY = 0.9  # the towers pick a held-out scene's caption over its class (context) swapped ones
+ENCODER_INSTANCE = 0.8  # an instance's two photos more alike than it and another instance of its class
+ENCODER_KNN = 0.7  # the features carry the class: k-nearest-neighbour accuracy among held-out scenes
+INSTANCES = 256  # held-out instances photographed twice for the encoders' instance ranking
 
 
 @dataclass
@@ -54,11 +59,11 @@ class Bar:
 
     def line(self) -> str:
         if self.value is None:
-            return f"{self.component:8s} {self.measure:38s} not built yet"
+            return f"{self.component:12s} {self.measure:38s} not built yet"
         verdict = "ok" if self.met else "MISSED"
         show = (lambda v: f"{v:.1%}") if self.bar <= 1 else (lambda v: f"{v:.2f}")  # fractions as percentages
         value = f"{show(self.value):>7s} (bar {show(self.bar)})"
-        return f"{self.component:8s} {self.measure:38s} {value}  {verdict}  {self.detail}"
+        return f"{self.component:12s} {self.measure:38s} {value}  {verdict}  {self.detail}"
 
 
 def heldout_images(n: int, size: int = 64) -> np.ndarray:
@@ -163,6 +168,28 @@ def check_clip(clip_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[
             for k in ("category", "context")]
 
 
+@functools.lru_cache(maxsize=2)  # the same photos for every encoder of one check
+def instance_photos(n: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Two photos of each of the first ``n`` held-out scenes' objects: the scene itself, and the same
+    object re-posed in another context; (first, second) as (n, size, size, 3) uint8, and the classes."""
+    first, second = (pool_scenes(n, HELDOUT_WORLD, reposed) for reposed in (False, True))
+    photos = [np.stack([np.asarray(render(s, size)) for s in scenes]) for scenes in (first, second)]
+    return photos[0], photos[1], [s.category for s in first]
+
+
+def check_encoder(kind: str, folder: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
+    """A world ViT encoder: instance ranking on re-posed instances, and kNN class accuracy."""
+    if not (folder / "config.json").is_file():
+        return [Bar(kind, "held-out instance ranking", None, ENCODER_INSTANCE)]
+    vit = encoders.load_vit(folder)
+    first, second, classes = instance_photos(INSTANCES)
+    ranking = encoders.instance_ranking(encoders.features(vit, first), encoders.features(vit, second), classes)
+    knn = encoders.knn_accuracy(encoders.features(vit, images), [s.category for s in scenes])
+    return [Bar(kind, "held-out instance ranking", round(ranking, 3), ENCODER_INSTANCE,
+                f"{len(classes)} objects, each re-posed in another context, vs others of its class"),
+            Bar(kind, "held-out kNN class accuracy", round(knn, 3), ENCODER_KNN, f"{len(images)} scenes, k=20")]
+
+
 def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2, grids: Path | None = None
           ) -> list[Bar]:
     weights = Path(weights)
@@ -173,6 +200,7 @@ def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2,
     images, scenes = heldout_images(n_images), world_scenes(n_images, HELDOUT_WORLD)
     return [check_vae(weights, images), *check_classifier(weights / "classifier", images, scenes),
             *check_clip(weights / "clip", images, scenes),
+            *[bar for kind in encoders.KINDS for bar in check_encoder(kind, weights / kind, images, scenes)],
             *[bar for s in (TEACHER, STUDENT)
               for bar in check_sampled(s, weights, per_pair, grids and grids / f"{s.component}.png")]]
 
@@ -183,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the mini world's models against their quality bars on held-out scenes "
         f"(world seed {HELDOUT_WORLD}): VAE reconstruction PSNR >= {VAE_PSNR_DB:g} dB; the judge (the world "
         f"classifier) right on >= {CLASSIFIER_ACCURACY:.0%} of real scenes; the clip towers preferring a scene's "
-        f"caption to its class- and context-swapped versions >= {CLIP_ACCURACY:.0%} of the time; teacher samples "
+        f"caption to its class- and context-swapped versions >= {CLIP_ACCURACY:.0%} of the time; each self-supervised "
+        f"encoder (dino_v1, dino_v2, eval_encoder) ranking an object's re-posed photo above other objects of its "
+        f"class >= {ENCODER_INSTANCE:.0%} of the time, with kNN class accuracy >= {ENCODER_KNN:.0%}; teacher samples "
         f"({TEACHER_STEPS} DDIM "
         f"steps, CFG {TEACHER_GUIDANCE:g}) showing the prompted class and the prompted context >= "
         f"{TEACHER_ACCURACY:.0%} of the time, and 1-step student samples >= {STUDENT_ACCURACY:.0%}. Exits 1 if a "

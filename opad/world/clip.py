@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
-from transformers.utils import logging as transformers_logging
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
+from opad.models.quiet import quiet_transformers
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer, prompt_ids
 from opad.world import component
 from opad.world.contexts import CONTEXTS
@@ -52,12 +52,8 @@ def make_model() -> CLIPModel:
 
 def load_text_encoder(clip_dir: Path, dtype: torch.dtype = torch.float32) -> CLIPTextModel:
     """The text tower of a saved world CLIP as the ``CLIPTextModel`` SD pipelines take."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # not a report listing every image-tower weight as unused
-    try:
+    with quiet_transformers():
         return CLIPTextModel.from_pretrained(clip_dir, torch_dtype=dtype)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
 
 
 def _image_embedding(model: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -140,8 +136,15 @@ def zero_shot_accuracy(model: CLIPModel, heldout: Pool) -> dict[str, float]:
     return result
 
 
+def save_preprocessor(out: Path) -> None:
+    """The image tower's input as transformers describes it: 64 px, the world's [-1, 1] range."""
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+
+
 def finish(model: CLIPModel, heldout: Pool, out: Path) -> dict:
     component.save_fp16(model, out)
+    save_preprocessor(out)
     shipped = CLIPModel.from_pretrained(out, torch_dtype=torch.float32).to(next(model.parameters()).device)
     accuracy = zero_shot_accuracy(shipped, heldout)
     return {f"heldout_zero_shot_{k}": round(v, 4) for k, v in accuracy.items()}

@@ -92,6 +92,7 @@ class Run:
     seed: int = 0
     progress: bool = True
     hparams: dict | None = None  # what the component was built with, for its finish and record
+    prepare: dict | None = None  # what making the run cost before its first step (the student's pairs), for its record
 
 
 def is_finished(folder: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opad.world.scenes import Scene, caption, render, world_scenes
+from opad.world.contexts import CONTEXTS
+from opad.world.scenes import Scene, caption, render, repose, world_scenes
 
 CHUNK = 1000
 
@@ -44,8 +46,21 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _render_chunk(seed: int, start: int, count: int, size: int) -> tuple[np.ndarray, list[str]]:
-    scenes = world_scenes(start + count, seed)[start:]
+def pool_scenes(n: int, seed: int, reposed: bool = False) -> list[Scene]:
+    """The first ``n`` scenes of world ``seed``; ``reposed``: each scene's object re-posed in another
+    context (a second photo of the same instance, as :func:`opad.world.scenes.repose` draws it)."""
+    scenes = world_scenes(n, seed)
+    if not reposed:
+        return scenes
+    out = []
+    for i, s in enumerate(scenes):
+        rng = random.Random(f"opad-world-reposed:{seed}:{i}")
+        out.append(repose(s, rng, context=rng.choice([c for c in CONTEXTS if c != s.context])))
+    return out
+
+
+def _render_chunk(seed: int, start: int, count: int, size: int, reposed: bool) -> tuple[np.ndarray, list[str]]:
+    scenes = pool_scenes(start + count, seed, reposed)[start:]
     return np.stack([np.asarray(render(s, size)) for s in scenes]), [caption(s) for s in scenes]
 
 
@@ -53,10 +68,11 @@ def _chunk_files(folder: Path, k: int) -> tuple[Path, Path]:
     return folder / f"chunk-{k:04d}.npy", folder / f"captions-{k:04d}.json"
 
 
-def load_pool(root: str | os.PathLike, n: int, seed: int, size: int = 64, *, workers: int | None = None,
-              progress: bool = True) -> Pool:
-    """The first ``n`` scenes of world ``seed``, drawing (in ``workers`` processes) only chunks not yet on disk."""
-    folder = Path(root) / f"{seed}-{size}"
+def load_pool(root: str | os.PathLike, n: int, seed: int, size: int = 64, *, reposed: bool = False,
+              workers: int | None = None, progress: bool = True) -> Pool:
+    """The first ``n`` scenes of world ``seed`` (``reposed``: their objects re-posed, see :func:`pool_scenes`),
+    drawing (in ``workers`` processes) only chunks not yet on disk."""
+    folder = Path(root) / f"{seed}-{size}{'-reposed' if reposed else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     chunks = [(k, k * CHUNK, min(CHUNK, n - k * CHUNK)) for k in range((n + CHUNK - 1) // CHUNK)]
 
@@ -69,7 +85,7 @@ def load_pool(root: str | os.PathLike, n: int, seed: int, size: int = 64, *, wor
         workers = workers or min(len(missing), os.cpu_count() or 1)
         with ProcessPoolExecutor(workers) as ex, tqdm(total=sum(c[2] for c in missing), desc=f"drawing world {seed}",
                                                        unit="image", disable=not progress) as bar:
-            futures = {ex.submit(_render_chunk, seed, start, count, size): k for k, start, count in missing}
+            futures = {ex.submit(_render_chunk, seed, start, count, size, reposed): k for k, start, count in missing}
             for future, k in futures.items():
                 images, caps = future.result()
                 arr, cap_file = _chunk_files(folder, k)
@@ -80,4 +96,4 @@ def load_pool(root: str | os.PathLike, n: int, seed: int, size: int = 64, *, wor
                 bar.update(len(caps))
     images = np.concatenate([np.load(_chunk_files(folder, k)[0])[:count] for k, _, count in chunks])
     captions = [c for k, _, count in chunks for c in json.loads(_chunk_files(folder, k)[1].read_text())[:count]]
-    return Pool(images, captions, world_scenes(n, seed))
+    return Pool(images, captions, pool_scenes(n, seed, reposed))

@@ -136,6 +136,13 @@ def sample_scene(rng: random.Random) -> Scene:
     elif style < 0.28:
         attributes.append("two-tone")
     accent = r.choice(_far_colours(colour))
+    pose = _pose(r, category)
+    return Scene(category=category, context=context, colour=colour, rgb=rgb, attributes=tuple(attributes),  # type: ignore[arg-type]
+                 accent=accent, **pose, variant=r.below(CLASSES[category].variants), seed=r.below(2**31))
+
+
+def _pose(r: Rand, category: str) -> dict[str, Any]:
+    """Size, place, tilt and facing of an object of ``category`` (the draws' order is the world's: keep it)."""
     spec = CLASSES[category]
     scale = r.uniform(0.35, 0.7)
     rotation = r.uniform(-spec.max_tilt, spec.max_tilt)
@@ -143,10 +150,16 @@ def sample_scene(rng: random.Random) -> Scene:
     half = scale / 2 * (math.cos(a) + math.sin(a))  # half the side of the tilted box: it stays inside the image
     x = 0.5 + r.uniform(-1, 1) * max(0.0, 0.5 - half)
     bottom = r.uniform(max(0.8, 2 * half), 1.0)  # standing on the ground, below every horizon
-    return Scene(category=category, context=context, colour=colour, rgb=rgb, attributes=tuple(attributes),  # type: ignore[arg-type]
-                 accent=accent, scale=round(scale, 4), x=round(x, 4), y=round(bottom - half, 4),
-                 rotation=round(rotation, 2), flip=r.chance(0.5), variant=r.below(spec.variants),
-                 seed=r.below(2**31))
+    return dict(scale=round(scale, 4), x=round(x, 4), y=round(bottom - half, 4), rotation=round(rotation, 2),
+                flip=r.chance(0.5))
+
+
+def repose(scene: Scene, rng: random.Random, context: str | None = None) -> Scene:
+    """The same object (class, colours, pattern, shape variant) in a new pose, background and context
+    (``context``, or one drawn): another photo of the same instance."""
+    r = Rand(rng)
+    context = context or r.choice(list(CONTEXTS))
+    return dataclasses.replace(scene, context=context, **_pose(r, scene.category), seed=r.below(2**31))
 
 
 def _style(scene: Scene) -> Style:

@@ -18,6 +18,7 @@ only missing chunks), and training shuffles them with the step's generator.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from opad.tiny import student_scheduler, teacher_scheduler
 from opad.world import component, teacher
 from opad.world.pool import Pool
 
-HPARAMS = dict(steps=2000, batch=64, lr=3e-4, warmup=100, ema=0.999, pairs=6144, pair_batch=128,
+HPARAMS = dict(steps=3000, batch=64, lr=1e-3, warmup=100, ema=0.999, pairs=9216, pair_batch=128,
                teacher_steps=25, guidance=7.5, checkpoint_every=100, check_samples=None)
 TURBO_T = 999  # SD-Turbo's single timestep
 
@@ -62,18 +63,21 @@ def teacher_x0(unet: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, u
 
 
 def draw_pairs(folder: Path, teacher_unet: torch.nn.Module, states: torch.Tensor, empty: torch.Tensor, *, seed: int,
-               h: dict, device: torch.device, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               h: dict, device: torch.device, progress: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """``h["pairs"]`` (noise, caption index, teacher latent) triples, drawn in chunks of
-    ``h["pair_batch"]`` into ``folder/pairs`` (each chunk a pure function of (seed, chunk))."""
+    ``h["pair_batch"]`` into ``folder/pairs`` (each chunk a pure function of (seed, chunk)), and what
+    drawing them cost: each chunk keeps its own drawing time, so an interrupted run's total is whole."""
     out = Path(folder) / "pairs"
     out.mkdir(parents=True, exist_ok=True)
     size = h["pair_batch"]
     bf16 = component.bf16_fast(device)
     chunks = range((h["pairs"] + size - 1) // size)
-    noises, whichs, targets = [], [], []
+    noises, whichs, targets, seconds = [], [], [], []
     for k in tqdm(chunks, desc="teacher pairs", unit="chunk", disable=not progress):
         path = out / f"chunk-{k:04d}.npz"
         if not path.is_file():
+            t0 = time.perf_counter()
             g = component.step_generator(seed + 1000, k)
             which = torch.randint(len(states), (size,), generator=g)
             noise = torch.randn(size, 4, 16, 16, generator=g)
@@ -81,14 +85,17 @@ def draw_pairs(folder: Path, teacher_unet: torch.nn.Module, states: torch.Tensor
                 x0 = teacher_x0(teacher_unet, noise.to(device), states[which.to(device)], empty, h["teacher_steps"],
                                 h["guidance"]).cpu()
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, noise=noise.numpy(), which=which.numpy(), x0=x0.numpy())
+            np.savez(tmp, noise=noise.numpy(), which=which.numpy(), x0=x0.numpy(), seconds=time.perf_counter() - t0)
             tmp.replace(path)
         with np.load(path) as f:
             noises.append(torch.from_numpy(f["noise"]))
             whichs.append(torch.from_numpy(f["which"]))
             targets.append(torch.from_numpy(f["x0"]))
+            if "seconds" in f:  # chunks drawn before chunks kept their time have none
+                seconds.append(float(f["seconds"]))
     n = h["pairs"]
-    return torch.cat(noises)[:n], torch.cat(whichs)[:n], torch.cat(targets)[:n]
+    cost = {"pair_seconds": round(sum(seconds), 1), "pair_chunks": len(chunks), "pair_chunks_timed": len(seconds)}
+    return torch.cat(noises)[:n], torch.cat(whichs)[:n], torch.cat(targets)[:n], cost
 
 
 def make_run(folder: Path, pool: Pool, device: torch.device, *, seed: int, clip_dir: Path, teacher_dir: Path,
@@ -97,7 +104,7 @@ def make_run(folder: Path, pool: Pool, device: torch.device, *, seed: int, clip_
     states, _, empty = teacher.caption_embeddings(clip_dir, pool.captions, device)
     teacher_unet = UNet2DConditionModel.from_pretrained(teacher_dir, torch_dtype=torch.float32).to(device).eval()
     teacher_unet.set_attn_processor(AttnProcessor())  # faster on CPUs, as in the teacher's training
-    noise, which, target = draw_pairs(folder, teacher_unet, states, empty, seed=seed, h=h, device=device,
+    noise, which, target, cost = draw_pairs(folder, teacher_unet, states, empty, seed=seed, h=h, device=device,
                                       progress=progress)
     live = make_unet()
     live.load_state_dict(teacher_unet.state_dict())  # SD-Turbo starts from SD 2.1
@@ -124,5 +131,5 @@ def make_run(folder: Path, pool: Pool, device: torch.device, *, seed: int, clip_
     return component.Run(
         name="student", folder=folder, model=model, optimizer=optimizer, steps=h["steps"], seed=seed,
         progress=progress, lr=lambda i: component.cosine_lr(h["lr"], i, h["steps"], h["warmup"]), step=step,
-        checkpoint_every=h["checkpoint_every"], hparams=h,
+        checkpoint_every=h["checkpoint_every"], hparams=h, prepare=cost,
     )
