@@ -82,7 +82,7 @@ class DinoEncoder(Encoder):
         if Path(source).is_dir():  # a timm model folder (the mini world's): its own size and normalisation
             cfg = model.pretrained_cfg
             size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
-            self.model_id = f"timm:{cfg['architecture']}@{_source_id(source)}"
+            self.model_id = self.model_id.replace(DINO_TIMM, cfg["architecture"], 1)  # the folder's own architecture
             self.transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                                         T.ToTensor(), T.Normalize(mean, std)])
         else:  # the common protocol's 256 -> 224 centre crop

@@ -172,9 +172,8 @@ def check_clip(clip_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[
 def instance_photos(n: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Two photos of each of the first ``n`` held-out scenes' objects: the scene itself, and the same
     object re-posed in another context; (first, second) as (n, size, size, 3) uint8, and the classes."""
-    first, second = (pool_scenes(n, HELDOUT_WORLD, reposed) for reposed in (False, True))
-    photos = [np.stack([np.asarray(render(s, size)) for s in scenes]) for scenes in (first, second)]
-    return photos[0], photos[1], [s.category for s in first]
+    second = np.stack([np.asarray(render(s, size)) for s in pool_scenes(n, HELDOUT_WORLD, reposed=True)])
+    return heldout_images(n, size), second, [s.category for s in world_scenes(n, HELDOUT_WORLD)]
 
 
 def check_encoder(kind: str, folder: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
