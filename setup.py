@@ -69,10 +69,11 @@ setup(
     version="0.1.0",
     description="One-step diffusion personalization by adversarial concept distillation (OPAD)",
     python_requires=">=3.10",
-    packages=find_packages(include=["opad", "opad.*"]) + ["opad.kernels", "opad.export"],
-    # DESIGN.md §3: the Triton kernels and the export live in kernels/ and export/ but install as
-    # opad.kernels and opad.export.
-    package_dir={"opad.kernels": "kernels", "opad.export": "export"},
+    packages=find_packages(include=["opad", "opad.*"]) + ["opad.export"],
+    # DESIGN.md §3: the export lives in export/ but installs as opad.export. The Triton kernels live in
+    # opad/kernels/, not a top-level kernels/: run from the repository root, a top-level kernels/ package
+    # would shadow Hugging Face's `kernels`, which transformers (>= 5.25) requires and imports.
+    package_dir={"opad.export": "export"},
     # the mini world's trained weights ship inside the package (opad/world/weights, a few MB)
     package_data={"opad.world": ["weights/*.json", "weights/*/*.json", "weights/*/*.safetensors",
                                  "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.png"]},

@@ -1,6 +1,6 @@
 """One switch for every accelerated op: ``OPAD_KERNELS=auto|triton|reference``.
 
-An op is accelerated by a Triton kernel (kernels/) or by the compiled extension ``opad._C``
+An op is accelerated by a Triton kernel (opad/kernels/) or by the compiled extension ``opad._C``
 (csrc/), and keeps its pure-torch reference either way.
 
 - ``auto`` (the default): a Triton op takes its kernel for CUDA tensors and the reference
@@ -41,8 +41,8 @@ class Op:
 
 # the report of ``python -m opad.kernels`` lists them in this order
 OPS = {
-    "swd_sorted_l1": Op("MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (kernels/swd.py)", "triton"),
-    "kv_proj": Op("every cross-attention layer's K/V from one context in one launch (kernels/kv_proj.py)", "triton"),
+    "swd_sorted_l1": Op("MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (opad/kernels/swd.py)", "triton"),
+    "kv_proj": Op("every cross-attention layer's K/V from one context in one launch (opad/kernels/kv_proj.py)", "triton"),
     "feature_pass": Op("every backbone's resized, normalised input from one image, and the summed gradient back "
                        "(csrc/, opad/feature_pass.py)", "extension"),
 }
