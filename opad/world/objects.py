@@ -163,7 +163,21 @@ def _dots(d: ImageDraw.ImageDraw, s: int, c: RGB) -> None:
             _ellipse(cx, cy, 0.05)(d, s, fill=c)
 
 
-_PATTERN_DRAW = {"striped": _stripes, "dotted": _dots}
+def _checks(d: ImageDraw.ImageDraw, s: int, c: RGB) -> None:
+    for row in range(7):
+        for col in range(row % 2, 7, 2):
+            d.rectangle([col / 7 * s, row / 7 * s, (col + 1) / 7 * s, (row + 1) / 7 * s], fill=c)
+
+
+def _zigzags(d: ImageDraw.ImageDraw, s: int, c: RGB) -> None:
+    for k in range(4):
+        y = 0.14 + 0.25 * k
+        pts = [(x / 8 * s, (y + (0.07 if x % 2 else -0.07)) * s) for x in range(9)]
+        d.line(pts, fill=c, width=max(2, round(0.07 * s)), joint="curve")
+
+
+# striped and dotted appear in the world; checkered and zigzag only on the held-out concepts
+_PATTERN_DRAW = {"striped": _stripes, "dotted": _dots, "checkered": _checks, "zigzag": _zigzags}
 
 
 def _draw_mug(p: Pen, st: Style) -> None:

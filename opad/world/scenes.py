@@ -50,8 +50,14 @@ ATTRIBUTES: dict[str, str] = {
     "dotted": "dots of the accent colour on the main body",
     "two-tone": "secondary parts (robot head and limbs, car cabin, house roof, mug handle, ...) in the accent colour",
 }
-PATTERNS = ("striped", "dotted")
-_PATTERN_NOUN = {"striped": "stripes", "dotted": "dots"}
+# Patterns no world scene has: only the held-out concepts wear them (opad.world.concepts), so a concept
+# is an instance the pretrained models have never seen. sample_scene never draws them.
+CONCEPT_ATTRIBUTES: dict[str, str] = {
+    "checkered": "a checkerboard of the accent colour on the main body",
+    "zigzag": "zigzag bands of the accent colour on the main body",
+}
+PATTERNS = ("striped", "dotted", "checkered", "zigzag")
+_PATTERN_NOUN = {"striped": "stripes", "dotted": "dots", "checkered": "checks", "zigzag": "zigzags"}
 
 @dataclass(frozen=True)
 class Scene:
@@ -77,8 +83,8 @@ class Scene:
             if value not in table:
                 raise OpadError(f"unknown {what} {value!r}; known: {', '.join(table)}")
         for a in self.attributes:
-            if a not in ATTRIBUTES:
-                raise OpadError(f"unknown attribute {a!r}; known: {', '.join(ATTRIBUTES)}")
+            if a not in ATTRIBUTES and a not in CONCEPT_ATTRIBUTES:
+                raise OpadError(f"unknown attribute {a!r}; known: {', '.join([*ATTRIBUTES, *CONCEPT_ATTRIBUTES])}")
         if sum(a in PATTERNS for a in self.attributes) > 1:
             raise OpadError(f"a scene has at most one pattern, got {self.attributes}")
         if not 0.05 <= self.scale <= 1.0:
