@@ -173,6 +173,18 @@ def test_build_refuses_a_component_whose_inputs_are_missing(tmp_path, capsys):
     assert "teacher needs vae" in err and not (tmp_path / "b").exists()
 
 
+def test_from_shipped_retrains_one_component_against_the_shipped_others(tmp_path, small_chunks):
+    out = tmp_path / "b"
+    summary = build.build(out, ["eval_encoder"], steps=2, train_images=10, heldout_images=6, progress=False,
+                          from_shipped=True)
+    assert list(summary) == ["data", "eval_encoder"] and (out / "weights" / "eval_encoder" / "config.json").is_file()
+    shipped = layout.SHIPPED / "clip" / "model.safetensors"
+    assert (out / "weights" / "clip" / "model.safetensors").read_bytes() == shipped.read_bytes()
+    adopted = component.read_record(out / "clip")  # the shipped record, saying where it came from
+    assert adopted["adopted_from"] == str(layout.SHIPPED / "clip")
+    assert adopted["train_seconds"] == json.loads((layout.SHIPPED / "build.json").read_text())["clip"]["train_seconds"]
+
+
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--train-images", "-3"), ("--device", "cuda:7")])
 def test_build_refuses_bad_values_in_one_line(tmp_path, capsys, flag, value):
     if flag == "--device" and torch.cuda.device_count() > 7:

@@ -64,6 +64,32 @@ def test_dino_loss_is_the_cross_view_cross_entropy_to_the_centred_sharpened_teac
     assert torch.allclose(got, more / (3 * 6), atol=1e-5)  # 6 (teacher view, other view) pairs per scene
 
 
+def test_caption_loss_is_each_images_softmax_over_every_distinct_caption():
+    torch.manual_seed(4)
+    z, bank = F.normalize(torch.randn(5, 6), dim=-1), F.normalize(torch.randn(9, 6), dim=-1)
+    target = torch.tensor([3, 0, 3, 8, 1])  # two images of one caption: neither is the other's negative
+    expected = torch.stack([-(z[i] @ bank[t] / 0.07 - torch.logsumexp(bank @ z[i] / 0.07, 0))
+                            for i, t in enumerate(target)]).mean()
+    assert torch.allclose(encoders.caption_loss(z, bank, target, 0.07), expected, atol=1e-5)
+
+
+def test_caption_bank_embeds_each_distinct_caption_once_with_the_clip_text_tower():
+    from transformers import CLIPModel
+
+    from opad.world.clip import text_features
+    from opad.world.layout import SHIPPED
+
+    first = ["a photo of a red mug on the beach", "a photo of a blue car at night", "a photo of a red mug on the beach"]
+    second = ["a photo of a red mug indoors", "a photo of a blue car at night", "a photo of a red mug in the snow"]
+    captions = encoders.caption_bank(SHIPPED / "clip", first, second)
+    assert len(captions.bank) == 4  # the four distinct captions
+    model = CLIPModel.from_pretrained(SHIPPED / "clip").eval()
+    with torch.no_grad():
+        for rows, texts in ((captions.first, first), (captions.second, second)):
+            assert torch.allclose(captions.bank[rows], text_features(model, texts), atol=1e-5)
+    assert captions.first[1] == captions.second[1] and captions.first[0] == captions.first[2]
+
+
 def test_views_are_reproducible_crops_that_keep_each_colour():
     torch.manual_seed(3)
     x = torch.rand(5, 3, 37, 37) * 2 - 1
@@ -120,10 +146,13 @@ def shipped_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders")
     rng = np.random.default_rng(0)
     images = pool.Pool(rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), ["x"] * 12, [])
+    # three distinct captions (the caption term's text side), the re-posed photos' differing from the first
+    captions = encoders.Captions(F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1),
+                                 torch.arange(12) % 2, torch.full((12,), 2))
     folders = {}
     for kind in encoders.KINDS:
         run = encoders.make_run(kind, root / f"run-{kind}", images, images, torch.device("cpu"), seed=5,
-                                hparams={"steps": 2, "batch": 6, "prototypes": 32})
+                                hparams={"steps": 2, "batch": 6, "prototypes": 32}, captions=captions)
         for i in range(2):
             run.step(i, torch.Generator().manual_seed(i))
         folders[kind] = (root / kind, encoders.shipped_backbone(kind, run.model))
@@ -168,8 +197,8 @@ def test_a_folder_that_is_no_model_is_one_clear_error(tmp_path):
 def test_check_reports_each_encoder_against_its_bars(shipped_folders, monkeypatch):
     monkeypatch.setattr(check, "INSTANCES", 16)
     folder, _ = shipped_folders["dino_v1"]
-    images = check.heldout_images(24)
-    bars = check.check_encoder("dino_v1", folder, images, world_scenes(24, 1))
+    monkeypatch.setattr(check, "KNN_SCENES", 24)
+    bars = check.check_encoder("dino_v1", folder)
     assert [b.measure for b in bars] == ["held-out instance ranking", "held-out kNN class accuracy"]
     assert all(0 <= b.value <= 1 for b in bars) and [b.bar for b in bars] == [check.ENCODER_INSTANCE, check.ENCODER_KNN]
-    assert check.check_encoder("dino_v2", folder.parent / "none", images, [])[0].value is None
+    assert check.check_encoder("dino_v2", folder.parent / "none")[0].value is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from opad.errors import OpadError
 from opad.fsutil import check_can_create, staged_dir, write_json
 from opad.world import check, classifier, clip, component, encoders, student, teacher, vae
-from opad.world.layout import HELDOUT_WORLD, SUMMARY, TRAIN_WORLD
+from opad.world.layout import HELDOUT_WORLD, SHIPPED, SUMMARY, TRAIN_WORLD
 from opad.world.pool import Pool, load_pool
 
 TRAIN_IMAGES, HELDOUT_IMAGES = 20_000, 512
@@ -75,12 +76,17 @@ def _encoder(kind: str, seed: int) -> Component:
     """A self-supervised world ViT: ship its backbone as timm's folder, measure it against its bars."""
     def finish(run: component.Run, data: Data, out: Path) -> dict:
         encoders.save_vit(encoders.shipped_backbone(kind, run.model), out, kind)
-        bars = check.check_encoder(kind, out, data.heldout.images, data.heldout.scenes)
+        bars = check.check_encoder(kind, out)
         return {b.measure: b.value for b in bars}
-    def make_run(folder: Path, pool: Pool, device: torch.device, *, progress: bool = True, **kw) -> component.Run:
+    def make_run(folder: Path, pool: Pool, device: torch.device, *, progress: bool = True, hparams: dict,
+                 **kw) -> component.Run:
         reposed = load_pool(folder.parent / "data", len(pool), TRAIN_WORLD, reposed=True, progress=progress)
-        return encoders.make_run(kind, folder, pool, reposed, device, progress=progress, **kw)
-    return Component(kind, seed=seed, hparams=encoders.HPARAMS[kind], make_run=make_run, finish=finish)
+        captions = (encoders.caption_bank(folder.parent / "weights" / "clip", pool.captions, reposed.captions)
+                    if hparams["caption_weight"] else None)
+        return encoders.make_run(kind, folder, pool, reposed, device, progress=progress, hparams=hparams,
+                                 captions=captions, **kw)
+    return Component(kind, seed=seed, hparams=encoders.HPARAMS[kind], make_run=make_run, finish=finish,
+                     needs=("clip",))
 
 
 def _student_run(folder: Path, pool: Pool, device: torch.device, **kw) -> component.Run:
@@ -141,18 +147,36 @@ def build_component(c: Component, out: Path, data: Data, device: torch.device, *
     return record
 
 
+def _adopt_shipped(out: Path, name: str) -> None:
+    """Take the shipped ``name`` as a finished component of ``out``: its weights, and its record from the
+    shipped build.json (so the build.json this build writes says how that component was trained)."""
+    shipped = json.loads((SHIPPED / SUMMARY).read_text()).get(name)
+    if shipped is None or not (SHIPPED / name).is_dir():
+        raise OpadError(f"{name} is not shipped, so --from-shipped cannot provide it: build it into {out}")
+    target = out / "weights" / name
+    with staged_dir(target, replace=True) as tmp:
+        shutil.copytree(SHIPPED / name, tmp, dirs_exist_ok=True)
+    (out / name).mkdir(parents=True, exist_ok=True)
+    component.write_record(out / name, {**shipped, "adopted_from": str(SHIPPED / name)})
+
+
 def build(out: str | Path, names: list[str] | None = None, *, device: str = "auto", steps: int | None = None,
           train_images: int = TRAIN_IMAGES, heldout_images: int = HELDOUT_IMAGES, progress: bool = True,
-          overrides: dict[str, dict] | None = None) -> dict:
+          overrides: dict[str, dict] | None = None, from_shipped: bool = False) -> dict:
     """Build ``names`` (default: all components) into ``out``; returns ``out/weights/build.json``'s content.
-    ``overrides`` replaces hyperparameters per component (``{"teacher": {"batch": 8}}``)."""
+    ``overrides`` replaces hyperparameters per component (``{"teacher": {"batch": 8}}``); ``from_shipped``
+    takes the components they need and ``out`` lacks from the shipped weights instead of refusing."""
     out = Path(out)
     names = names or list(COMPONENTS)
+    check_can_create(out, "the world build to")
     for name in names:
         for need in COMPONENTS[name].needs:
-            if need not in names and not component.is_finished(out / need):
-                raise OpadError(f"{name} needs {need}, which {out} has not built: add it to --only, or build it first")
-    check_can_create(out, "the world build to")
+            if need in names or component.is_finished(out / need):
+                continue
+            if not from_shipped:
+                raise OpadError(f"{name} needs {need}, which {out} has not built: add it to --only, build it first, "
+                                "or pass --from-shipped to use the shipped one")
+            _adopt_shipped(out, need)
     dev = component.pick_device(device)
     data = Data(load_pool(out / "data", train_images, TRAIN_WORLD, progress=progress),
                 load_pool(out / "data", heldout_images, HELDOUT_WORLD, progress=progress))
@@ -184,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override every component's training steps (a quick trial build; not the shipped one)")
     p.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="scenes of the training world to render")
     p.add_argument("--heldout-images", type=int, default=HELDOUT_IMAGES, help="held-out scenes to measure on")
+    p.add_argument("--from-shipped", action="store_true",
+                   help="components that --only's need and OUT lacks are taken from the shipped weights (retrain one "
+                   "component against the shipped others) instead of refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -195,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             raise OpadError(f"{flag} must be at least {least}, got {value}")
     component.pick_device(args.device)  # refuses a device this machine lacks before anything is written
     return build(args.out, args.only, device=args.device, steps=args.steps, train_images=args.train_images,
-                 heldout_images=args.heldout_images, progress=not args.no_progress)
+                 heldout_images=args.heldout_images, progress=not args.no_progress, from_shipped=args.from_shipped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ CLIP_ACCURACY = 0.9  # the towers pick a held-out scene's caption over its class
 ENCODER_INSTANCE = 0.8  # an instance's two photos more alike than it and another instance of its class
 ENCODER_KNN = 0.7  # the features carry the class: k-nearest-neighbour accuracy among held-out scenes
 INSTANCES = 256  # held-out instances photographed twice for the encoders' instance ranking
+KNN_SCENES = 512  # held-out scenes the encoders' kNN runs on, whatever --images says: with k = 20 among
+# 8 classes, far fewer scenes leave too few of each class to be a scene's neighbours
 
 
 @dataclass
@@ -173,17 +175,25 @@ def instance_photos(n: int, size: int = 64) -> tuple[np.ndarray, np.ndarray, lis
     """Two photos of each of the first ``n`` held-out scenes' objects: the scene itself, and the same
     object re-posed in another context; (first, second) as (n, size, size, 3) uint8, and the classes."""
     second = np.stack([np.asarray(render(s, size)) for s in pool_scenes(n, HELDOUT_WORLD, reposed=True)])
-    return heldout_images(n, size), second, [s.category for s in world_scenes(n, HELDOUT_WORLD)]
+    return _cached_heldout_images(n, size), second, [s.category for s in world_scenes(n, HELDOUT_WORLD)]
 
 
-def check_encoder(kind: str, folder: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
-    """A world ViT encoder: instance ranking on re-posed instances, and kNN class accuracy."""
+@functools.lru_cache(maxsize=2)  # one rendering for every encoder of one check
+def _cached_heldout_images(n: int, size: int = 64) -> np.ndarray:
+    return heldout_images(n, size)
+
+
+def check_encoder(kind: str, folder: Path) -> list[Bar]:
+    """A world ViT encoder: instance ranking on re-posed instances, and kNN class accuracy among
+    :data:`KNN_SCENES` held-out scenes."""
     if not (folder / "config.json").is_file():
         return [Bar(kind, "held-out instance ranking", None, ENCODER_INSTANCE)]
     vit = encoders.load_vit(folder)
     first, second, classes = instance_photos(INSTANCES)
     ranking = encoders.instance_ranking(encoders.features(vit, first), encoders.features(vit, second), classes)
-    knn = encoders.knn_accuracy(encoders.features(vit, images), [s.category for s in scenes])
+    images = _cached_heldout_images(KNN_SCENES)
+    knn = encoders.knn_accuracy(encoders.features(vit, images), [s.category for s in world_scenes(len(images),
+                                                                                                  HELDOUT_WORLD)])
     return [Bar(kind, "held-out instance ranking", round(ranking, 3), ENCODER_INSTANCE,
                 f"{len(classes)} objects, each re-posed in another context, vs others of its class"),
             Bar(kind, "held-out kNN class accuracy", round(knn, 3), ENCODER_KNN, f"{len(images)} scenes, k=20")]
@@ -199,7 +209,7 @@ def check(weights: str | Path = SHIPPED, n_images: int = 512, per_pair: int = 2,
     images, scenes = heldout_images(n_images), world_scenes(n_images, HELDOUT_WORLD)
     return [check_vae(weights, images), *check_classifier(weights / "classifier", images, scenes),
             *check_clip(weights / "clip", images, scenes),
-            *[bar for kind in encoders.KINDS for bar in check_encoder(kind, weights / kind, images, scenes)],
+            *[bar for kind in encoders.KINDS for bar in check_encoder(kind, weights / kind)],
             *[bar for s in (TEACHER, STUDENT)
               for bar in check_sampled(s, weights, per_pair, grids and grids / f"{s.component}.png")]]
 
