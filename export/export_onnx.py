@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python export/export_onnx.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the tiny preset)")
+    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
     p.add_argument("--concept", default=None, help="concept folder written by opad.train (default: none, the base "
                    "student)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

@@ -27,7 +27,7 @@ BACKEND_CHOICES = ("auto", "tensorrt", "compiled", "onnxruntime", "eager")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python export/serve.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the tiny preset)")
+    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
     p.add_argument("--concepts", default=None,
                    help="folder of concepts, one sub-folder each (its name is the model id); rescanned by GET "
                    "/v1/models, so new concepts appear without a restart (default: only 'base')")

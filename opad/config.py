@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opad.errors import OpadError
+from opad.presets import PRESETS, Preset
 from opad.profiles import PROFILES, describe_default, profile_defaults
 
 DISCRIMINATORS = ("dino_v1", "dino_v2", "clip")
@@ -34,6 +35,8 @@ METHOD_STEPS = {"opad": 1000, "teacher-first": 1000, "custom-diffusion": 1000, "
 METHOD_LR = {"opad": 1e-5, "teacher-first": 1e-5, "custom-diffusion": 1e-5, "dreambooth": 5e-6, "lora": 1e-4,
              "textual-inversion": 5e-4}
 LR_PER_IMAGE = ("opad", "teacher-first", "custom-diffusion")  # their learning rate is per image of the batch
+# Unset fields that neither profile decides: these defaults, unless the run's preset sets its own
+MODEL_DEFAULTS: dict[str, object] = {"discriminators": list(DISCRIMINATORS)}
 
 
 class _FromProfile:
@@ -67,10 +70,15 @@ class TrainConfig:
     profile: str = _f("paper", "default set: paper (Algorithm 1 + collaborative stage) or release (the authors' "
                       "train_opad.py, point by point); each flag still overrides it", choices=PROFILES)
     # models and data
-    teacher: str | None = _f(None, "teacher diffusers folder or hub id (SD 2.1-like); default: tiny preset")
-    student: str | None = _f(None, "student diffusers folder or hub id (SD-Turbo-like); default: tiny preset")
-    instance_dir: str | None = _f(None, "folder of 1-5+ photos of the subject (jpg/png/webp); default: bundled example")
-    class_name: str | None = _f(None, "class word of the subject, e.g. 'dog' (default: 'toy' for the example)")
+    teacher: str | None = _f(None, "teacher diffusers folder or hub id (SD 2.1-like); default: the preset's "
+                             "(OPAD_PRESET: the mini world, or tiny)")
+    student: str | None = _f(None, "student diffusers folder or hub id (SD-Turbo-like); default: the preset's")
+    preset: str | None = _f(None, "models (and concept, backbones, defaults) when neither --teacher nor --student is "
+                            "given: world (the mini world's trained models) or tiny (random, for tests); default: "
+                            "$OPAD_PRESET, else world")
+    instance_dir: str | None = _f(None, "folder of 1-5+ photos of the subject (jpg/png/webp); default: the preset's "
+                                  "bundled concept (the world's checkered mug; tiny: a toy robot)")
+    class_name: str | None = _f(None, "class word of the subject, e.g. 'dog' (default: the bundled concept's)")
     token: str = _f("<new1>", "modifier token that names the subject in prompts")
     init_word: str | None = _f(None, "single-token word the modifier token starts from (default: the class word)")
     class_dir: str | None = _f(None, "optional folder of class-prior images (teacher prior preservation)")
@@ -94,13 +102,13 @@ class TrainConfig:
 
     # schedule
     max_steps: int | None = _f(None, "training iterations (default: the paper's per --method: 1000, lora 800, "
-                               "textual-inversion 4000; 150 on the tiny preset)")
+                               "textual-inversion 4000; 300 on the mini world, 150 on the tiny preset)")
     batch_size: int = _f(2, "images per iteration")
-    teacher_lr: float = _f(1e-5, "teacher K/V and token learning rate")
+    teacher_lr: float | None = _f(None, "teacher K/V and token learning rate (default 1e-5; 1e-3 on the mini world)")
     student_lr: float | None = _f(None, "student learning rate (default per --method: opad, teacher-first and "
                                   "custom-diffusion 1e-5 x batch size; dreambooth 5e-6; lora 1e-4; "
-                                  "textual-inversion 5e-4)")
-    head_lr: float = _f(1e-4, "discriminator heads learning rate")
+                                  "textual-inversion 5e-4; on the mini world 2e-4 for every method)")
+    head_lr: float | None = _f(None, "discriminator heads learning rate (default 1e-4)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     weight_decay: float = _f(1e-2, "AdamW weight decay of K/V, heads and the modifier row (other table rows never change)")
@@ -132,7 +140,7 @@ class TrainConfig:
     swd_scales: int = _f(5, "MS-SWD scales")
     swd_projections: int = _f(128, "MS-SWD random projections per scale")
     swd_patch: int = _f(11, "MS-SWD patch size")
-    discriminators: list[str] = _f(list(DISCRIMINATORS), "discriminator backbones (comma list; 'none' for 'w/o all')")
+    discriminators: list[str] = _p("discriminator backbones (comma list; 'none' for 'w/o all')")
     disc_weight: float = _f(1.0, "weight of each discriminator's generator loss")
     disc_loss: str = _f("bce", "discriminator loss: bce (non-saturating G) or hinge", choices=("bce", "hinge"))
     disc_real: str = _p("discriminators' real images: photos (flipped, resized) or batch (the augmented teacher "
@@ -149,9 +157,11 @@ class TrainConfig:
                         "encoder IP-Adapter ships: 632M parameters, 2.4 GiB in fp32, 335 GFLOP per image forward) or "
                         "a smaller one such as ViT-B-16 (86M, 0.32 GiB, 35 GFLOP)")
     ip_adapter: str = _f("auto", "IP-Adapter image projection on the clip features (identity = per-token cosine): "
-                         "FILE, hub, none, or auto (hub when clip=hub with ViT-H-14; tiny on the tiny preset)")
+                         "FILE, hub, none, or auto (hub when clip=hub with ViT-H-14; tiny on the tiny preset; none "
+                         "on the mini world)")
     backbone_weights: list[str] = _f([], "NAME=FILE, NAME=DIR (a timm or, for clip, transformers model folder, "
-                                    "e.g. the mini world's) or NAME=hub per backbone (comma list); tiny preset: random tiny")
+                                    "e.g. the mini world's) or NAME=hub per backbone (comma list); default on a "
+                                    "preset: the mini world's trained ones, or the tiny preset's random ones")
 
     # collaborative stage
     collab_start: float | None = _p("start of the collaborative stage, as a fraction of max-steps (none: off)")
@@ -175,7 +185,8 @@ class TrainConfig:
 
     # outputs and robustness
     preview_every: int = _f(50, "write a preview grid every N steps (and at step 0)")
-    preview_prompts: list[str] = _f([], "preview prompts, '{}' is the token + class (default: 2 templates)")
+    preview_prompts: list[str] = _f([], "preview prompts, '{}' is the token + class (default: 2 templates; the mini "
+                                   "world: its subject indoors, on the beach and in the snow)")
     preview_teacher_steps: int = _f(25, "teacher DDIM steps in previews")
     checkpoint_every: int = _f(50, "write a checkpoint every N steps")
     keep_checkpoints: int = _f(2, "how many checkpoints to keep")
@@ -188,19 +199,29 @@ class TrainConfig:
 
     def with_profile(self) -> "TrainConfig":
         """A copy with every field the user left to the profile filled in from it."""
-        defaults = profile_defaults(self.profile)
+        defaults = {**MODEL_DEFAULTS, **profile_defaults(self.profile)}
         unset = {f.name: defaults[f.name] for f in dataclasses.fields(self) if getattr(self, f.name) is FROM_PROFILE}
         return dataclasses.replace(self, **unset)
 
-    def resolved(self, *, tiny: bool) -> "TrainConfig":
-        """A copy with the profile's and the models' defaults filled in (what config.json records)."""
-        c = self.with_profile()
+    def resolved(self, preset: Preset | None = None) -> "TrainConfig":
+        """A copy with the profile's and the models' defaults filled in (what config.json records):
+        ``preset``'s where the run is on a preset's models (no --teacher / --student), else the real ones'."""
+        own = preset.train_defaults if preset else {}
+        c = dataclasses.replace(self, **{k: v for k, v in own.items() if getattr(self, k) is FROM_PROFILE})
+        c = c.with_profile()
         if c.teacher_first:  # --teacher-first is --method teacher-first
             c.method = "teacher-first"
         c.teacher_first = c.method == "teacher-first"
-        c.max_steps = c.max_steps or (150 if tiny else METHOD_STEPS[c.method])
+        c.preset = preset.name if preset else None
+        c.max_steps = c.max_steps or own.get("max_steps", METHOD_STEPS[c.method])
         if c.student_lr is None:
-            c.student_lr = METHOD_LR[c.method] * (c.batch_size if c.method in LR_PER_IMAGE else 1)
+            per_image = c.batch_size if c.method in LR_PER_IMAGE else 1
+            c.student_lr = own.get("student_lr", METHOD_LR[c.method] * per_image)
+        c.teacher_lr = c.teacher_lr if c.teacher_lr is not None else own.get("teacher_lr", 1e-5)
+        c.head_lr = c.head_lr if c.head_lr is not None else own.get("head_lr", 1e-4)
+        if c.ip_adapter == "auto" and "ip_adapter" in own:
+            c.ip_adapter = own["ip_adapter"]
+        c.preview_prompts = c.preview_prompts or list(own.get("preview_prompts", []))
         if c.method in BASELINES:  # the student alone: OPAD's teacher, heads and stage stay off
             c.use_teacher, c.discriminators, c.collab_start = False, [], None
         if c.lora_alpha is None and c.method == "lora":
@@ -225,6 +246,8 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise OpadError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        if c.preset is not None and c.preset not in PRESETS:
+            raise OpadError(f"--preset must be one of {', '.join(PRESETS)}, got {c.preset!r}")
         bad = [d for d in c.discriminators if d not in DISCRIMINATORS]
         if bad:
             raise OpadError(f"unknown discriminator {bad[0]!r}; choose from {', '.join(DISCRIMINATORS)} (or 'none')")
@@ -338,6 +361,10 @@ def check_type(name: str, value, tp, where: str):
     raise OpadError(f"{where}{name} must be {kind}, got {value!r:.80}")
 
 
+def _show_list(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field; flags not given stay absent so a config file's value survives."""
     hints = typing.get_type_hints(TrainConfig)
@@ -345,7 +372,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, list) else default
-        shown = describe_default(f.name) if default is FROM_PROFILE else shown
+        if default is FROM_PROFILE:
+            shown = describe_default(f.name) or _show_list(MODEL_DEFAULTS[f.name]) + " (a preset may set its own)"
         extra = dict(nargs="?", const=True, metavar="BOOL") if hints[f.name] is bool else {}  # --resume == --resume true
         parser.add_argument(flag, dest=f.name, type=_field_parser(hints[f.name]), default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {shown})", **extra)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from opad.fsutil import staged_dir
+from opad.fsutil import cached_folder
 
 EXAMPLE_VERSION = "example-robot-v1"
 CLASS_NAME = "toy"
@@ -51,13 +51,8 @@ def example_concept_dir() -> Path:
     """The example images' folder in the cache (written on first use)."""
     from opad.tiny import cache_root
 
-    path = cache_root() / EXAMPLE_VERSION
-    if not path.is_dir():
-        try:
-            with staged_dir(path) as tmp:
-                for i, img in enumerate(draw_example_images()):
-                    img.save(tmp / f"robot_{i}.png")
-        except OSError:
-            if not path.is_dir():
-                raise
-    return path
+    def write(tmp: Path) -> None:
+        for i, img in enumerate(draw_example_images()):
+            img.save(tmp / f"robot_{i}.png")
+
+    return cached_folder(cache_root() / EXAMPLE_VERSION, write)

@@ -28,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m opad.generate",
         description="Generate images with the one-step student (SD-Turbo-like), optionally with a "
         "trained concept. Writes NNN_seedS.png files and generation.json (every parameter and "
-        "the time of each image) into --out. With no model arguments it uses the tiny offline preset.",
+        "the time of each image) into --out. With no model arguments it uses the preset (OPAD_PRESET: the mini world by default, or tiny).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: tiny preset)")
+    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
     p.add_argument("--concept", default=None, help="concept folder written by opad.train (any of its formats: "
                    "custom-diffusion, lora, unet, textual-inversion)")
     p.add_argument("--prompt", default="a photo of a dog", help="text prompt; use the concept's token, e.g. '<new1>'")

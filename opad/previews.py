@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from opad.trainer import Trainer
 
 _HEADER = 14
+_MIN_SIDE = 128  # smaller images (the mini world's 64 px) are shown enlarged, pixel for pixel
+
+
+def _enlarge(image: Image.Image) -> Image.Image:
+    factor = -(-_MIN_SIDE // image.width)
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
@@ -42,7 +48,7 @@ def write_preview(trainer: "Trainer", step: int) -> Path:
         if cfg.use_teacher:
             row += to_pil(sample_teacher(bundle, [prompt], steps=cfg.preview_teacher_steps, guidance_scale=cfg.guidance_scale,
                                          generator=torch.Generator().manual_seed(i), resolution=trainer.resolution))
-        rows.append(row)
+        rows.append([_enlarge(im) for im in row])
     labels = ["student"] + ([f"teacher {cfg.preview_teacher_steps}"] if cfg.use_teacher else [])
     path = trainer.out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

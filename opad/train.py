@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m opad.train",
         description="Personalize a one-step student (SD-Turbo-like) on a few photos of a subject by training it "
         "jointly with a multi-step teacher (SD 2.1-like) and an ensemble of discriminators (OPAD). With no "
-        "arguments: the tiny offline preset and a bundled example concept, written to ./opad-output. Outputs: "
+        "arguments: the mini world's trained models, backbones and one of its held-out concepts (a checkered mug), "
+        "written to ./opad-output (--preset tiny or OPAD_PRESET=tiny: the random tiny preset instead). Outputs: "
         "concept/ (student, Custom Diffusion format), teacher_concept/, samples/, log.csv, tensorboard/, "
         "loss_curve.png, checkpoints/, config.json. Ctrl-C writes a checkpoint; --resume continues. --method "
         "picks a baseline instead (custom-diffusion, dreambooth, lora, textual-inversion: the student alone) or "

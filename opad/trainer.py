@@ -27,13 +27,12 @@ from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_part
 from opad.config import TrainConfig
 from opad.data import ConceptData, load_images
 from opad.errors import OpadError, warn
-from opad.example_concept import CLASS_NAME as EXAMPLE_CLASS
-from opad.example_concept import example_concept_dir
 from opad.fsutil import check_can_create
 from opad.methods import method_class
 from opad.methods.base import Method, StepOutcome
 from opad.models.concept import add_modifier_tokens
 from opad.models.loading import load_models
+from opad.presets import PRESETS, default_preset
 from opad.previews import write_preview
 from opad.runlog import NullLog, RunLog, plot_losses
 from opad.runtime import pick_device
@@ -76,8 +75,9 @@ class Trainer:
         cfg.validate()
         check_output_dir(cfg)
         self.progress = progress
-        tiny = cfg.teacher is None and cfg.student is None
-        self.cfg = cfg = cfg.resolved(tiny=tiny)
+        # no model named: the preset's models, concept, backbones and defaults (OPAD_PRESET)
+        self.preset = default_preset(cfg.preset) if cfg.teacher is None and cfg.student is None else None
+        self.cfg = cfg = cfg.resolved(self.preset)
         cfg.validate()  # again: some checks need the resolved values (max-steps, teacher-first steps)
         self.out = Path(cfg.output_dir)
         self._check_resume_config()
@@ -91,7 +91,9 @@ class Trainer:
         self.device = self.accelerator.device
         if cfg.instance_dir and not cfg.class_name:
             raise OpadError("--class-name is required with --instance-dir (e.g. --class-name dog)")
-        self.bundle = b = load_models(cfg.teacher, cfg.student, device=self.device,
+        folder = self.preset.folder() if self.preset else None
+        self.bundle = b = load_models(cfg.teacher or folder and str(folder / "teacher"),
+                                      cfg.student or folder and str(folder / "student"), device=self.device,
                                       load_teacher=method_cls.needs_teacher)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"):
             for unet in (b.teacher_unet, b.student_unet):
@@ -99,8 +101,9 @@ class Trainer:
                     unet.enable_gradient_checkpointing()
 
         # data
-        instance_dir = cfg.instance_dir or example_concept_dir()
-        self.class_name = cfg.class_name or EXAMPLE_CLASS
+        bundled_dir, bundled_class = (self.preset or PRESETS["tiny"]).concept()
+        self.instance_dir = instance_dir = Path(cfg.instance_dir or bundled_dir)
+        self.class_name = cfg.class_name or bundled_class
         self.resolution = cfg.resolution or b.default_resolution
         if self.resolution % b.vae_scale_factor:
             raise OpadError(f"--resolution must be a multiple of {b.vae_scale_factor}, got {self.resolution}")

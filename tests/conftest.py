@@ -12,6 +12,8 @@ import torch
 # kernel module is imported (opad.kernels imports them lazily, at the first forced-kernel call).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Commands run on the tiny random preset here (fast); the tests of the mini world ask for it by name.
+os.environ.setdefault("OPAD_PRESET", "tiny")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -132,7 +132,7 @@ def test_baseline_resumes_bit_exact(tiny_dir, tmp_path):
 
 def test_baseline_config_resolves_opad_terms_off():
     def resolved(method):
-        return TrainConfig(method=method).resolved(tiny=False)
+        return TrainConfig(method=method).resolved()
 
     cfg = resolved("dreambooth")
     assert (cfg.use_teacher, cfg.discriminators, cfg.collab_start) == (False, [], None)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainutil import make_cfg, make_trainer
 
 import opad.methods.base as method_base
 import opad.methods.opad as opad_method
@@ -13,9 +14,9 @@ from opad import losses
 from opad.config import FROM_PROFILE, TrainConfig
 from opad.data import RELEASE_TEMPLATES, TEMPLATES, ConceptData, load_images
 from opad.errors import OpadError
+from opad.presets import PRESETS
 from opad.profiles import POINTS, markdown_table, profile_defaults
 from opad.trainer import StepOutcome
-from trainutil import make_cfg, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a <new1> toy", "a <new1> toy on the beach"]
@@ -26,12 +27,12 @@ def test_readme_table_is_the_profile_table():
 
 
 def test_profile_fills_only_unset_fields_and_config_json_records_everything(tiny_dir, tmp_path):
-    release = make_cfg(tmp_path / "a", profile="release").resolved(tiny=True)
+    release = make_cfg(tmp_path / "a", profile="release").resolved(PRESETS["tiny"])
     for point in POINTS:
         assert getattr(release, point.field) == point.release, point.field
-    paper = TrainConfig(output_dir=str(tmp_path / "b")).resolved(tiny=True)
+    paper = TrainConfig(output_dir=str(tmp_path / "b")).resolved(PRESETS["tiny"])
     assert all(getattr(paper, p.field) == p.paper for p in POINTS)
-    mixed = make_cfg(tmp_path / "c", profile="release", crop="center", swd_weight=0.3).resolved(tiny=True)
+    mixed = make_cfg(tmp_path / "c", profile="release", crop="center", swd_weight=0.3).resolved(PRESETS["tiny"])
     assert (mixed.crop, mixed.swd_weight, mixed.sampling) == ("center", 0.3, "epoch")  # flags win
     assert all(v is not FROM_PROFILE for v in dataclasses.asdict(mixed).values())
 

@@ -30,7 +30,7 @@ def test_full_run_writes_every_artefact(tiny_dir, tmp_path):
             "checkpoints", "config.json"} <= names
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png", "step-000004.png"]
     grid = Image.open(out / "samples" / "step-000000.png")
-    assert grid.size == (2 * 64, 14 + 2 * 64)  # student | teacher, two prompts
+    assert grid.size == (2 * 128, 14 + 2 * 128)  # student | teacher, two prompts; 64 px shown at 2x
     rows = read_log(out / "log.csv")
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     for key in ("loss/teacher", "loss/mse", "loss/id", "loss/swd", "loss/adv_dino_v1", "loss/adv_dino_v2",

@@ -32,6 +32,7 @@ from opad.diffusion import add_noise, c_weight, teacher_x0
 from opad.errors import OpadError
 from opad.methods.base import Method, StepOutcome
 from opad.models.concept import detach_start_token_kv, enable_kv_training, save_concept
+from opad.presets import Preset
 from opad.sampling import decode_latents, student_denoise
 from opad.tokens import TrainableTokenRows
 
@@ -57,7 +58,6 @@ class OpadMethod(Method):
     def __init__(self, loop: "Trainer") -> None:
         super().__init__(loop)
         cfg, b = self.cfg, self.bundle
-        tiny = cfg.teacher is None and cfg.student is None
         # the modifier token, in the shared text encoder (and the student's own without STE)
         self._student_text_encoder = b.text_encoder if cfg.shared_text_encoder else copy.deepcopy(b.text_encoder)
         self.teacher_tokens = TrainableTokenRows(b.text_encoder.get_input_embeddings(), loop.token_ids)
@@ -73,12 +73,12 @@ class OpadMethod(Method):
         if cfg.detach_start_token:
             detach_start_token_kv(b.teacher_unet)
             detach_start_token_kv(b.student_unet)
-        self.backbones = self._build_backbones(tiny)
+        self.backbones = self._build_backbones(loop.preset)
         self.heads = nn.ModuleDict({
             name: DiscriminatorHead(self.backbones[name].feature_dim, seed=cfg.seed + 101 * (i + 1))
             for i, name in enumerate(DISCRIMINATORS) if name in cfg.discriminators
         }).to(self.device)
-        self.lpips = self._build_lpips(tiny) if cfg.lpips_weight > 0 else None
+        self.lpips = self._build_lpips(random_trunk=loop.preset is not None) if cfg.lpips_weight > 0 else None
         self.teacher_params = [*self.teacher_kv, self.teacher_tokens.rows]
         self.student_token_rows = self._student_token_rows()
         self.student_params = [*self.student_kv, *self.student_token_rows]
@@ -114,15 +114,15 @@ class OpadMethod(Method):
             return [self.student_tokens.rows] if self.cfg.train_student_token else []
         return [] if self.cfg.use_teacher else [self.teacher_tokens.rows]
 
-    def _build_backbones(self, tiny: bool) -> dict[str, FrozenBackbone]:
+    def _build_backbones(self, preset: Preset | None) -> dict[str, FrozenBackbone]:
         cfg = self.cfg
         names = list(cfg.discriminators)
         if cfg.use_teacher and cfg.id_weight > 0 and cfg.id_encoder not in names:
             names.append(cfg.id_encoder)
-        sources = cfg.backbone_sources()
+        sources = {**(preset.backbones() if preset else {}), **cfg.backbone_sources()}
         backbones = {}
         for name in names:
-            source = sources.get(name, "tiny" if tiny else None)
+            source = sources.get(name)
             if source is None:
                 raise OpadError(f"the {name} backbone needs weights: pass --backbone-weights {name}=FILE "
                                 f"(or {name}=hub to download them)")
@@ -154,12 +154,12 @@ class OpadMethod(Method):
                         "--ip-adapter FILE (ip-adapter_sd15.safetensors) or hub, or --ip-adapter none for the "
                         "pooled CLIP embedding")
 
-    def _build_lpips(self, tiny: bool) -> nn.Module:
+    def _build_lpips(self, random_trunk: bool) -> nn.Module:
         import lpips
 
         # The linear calibration layers ship in the lpips package; its VGG/AlexNet trunk comes from
-        # torchvision's download unless the run is on the tiny preset (random trunk).
-        model = lpips.LPIPS(net=self.cfg.lpips_net, pretrained=True, pnet_rand=tiny, verbose=False)
+        # torchvision's download unless the run is on a preset (offline: a random trunk).
+        model = lpips.LPIPS(net=self.cfg.lpips_net, pretrained=True, pnet_rand=random_trunk, verbose=False)
         return model.to(self.device).eval().requires_grad_(False)
 
     def _sync_tokens(self) -> None:

@@ -173,15 +173,16 @@ def load_models(
     dtype: torch.dtype = torch.float32,
     load_teacher: bool = True,
 ) -> ModelBundle:
-    """Load teacher and student (default: the tiny offline preset) as a frozen :class:`ModelBundle`.
+    """Load teacher and student (default: the preset's, ``OPAD_PRESET``: the mini world or the tiny
+    one) as a frozen :class:`ModelBundle`.
 
     With ``load_teacher=False`` only the student folder is read (it must then hold its own text
     encoder, tokenizer and VAE), for generation.
     """
     if student is None or (load_teacher and teacher is None):
-        from opad.tiny import tiny_preset_dir
+        from opad.presets import default_preset
 
-        preset = tiny_preset_dir()
+        preset = default_preset().folder()
         teacher = teacher or str(preset / "teacher")
         student = student or str(preset / "student")
     s_src = resolve_source(student, "student", STUDENT_PARTS if load_teacher else TEACHER_PARTS)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opad.errors import OpadError
-from opad.fsutil import check_output_folder, staged_dir
+from opad.fsutil import cached_folder, check_output_folder, staged_dir
 from opad.world.contexts import CONTEXTS
 from opad.world.scenes import Scene, render, repose
 
@@ -108,15 +108,7 @@ def concepts_dir() -> Path:
     """The held-out concepts in the cache (``$OPAD_CACHE``), written on first use."""
     from opad.tiny import cache_root
 
-    path = cache_root() / CONCEPTS_VERSION
-    if not path.is_dir():
-        try:
-            with staged_dir(path) as tmp:
-                write_concepts(tmp)
-        except OSError:
-            if not path.is_dir():  # another process may have written it first
-                raise
-    return path
+    return cached_folder(cache_root() / CONCEPTS_VERSION, write_concepts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
+from opad.fsutil import cached_folder
 from opad.models.tokenizer import build_sd2_tokenizer
-from opad.tiny import student_scheduler, teacher_scheduler
+from opad.tiny import cache_root, student_scheduler, teacher_scheduler
 from opad.world.clip import load_text_encoder
+from opad.world.layout import SHIPPED, SUMMARY
 
 
 def _pipeline(weights: Path, unet_dir: Path, scheduler, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -42,3 +44,22 @@ def student_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, stude
     """SD-Turbo-shaped, from a weights folder: its ``vae``, its ``clip`` text tower (shared with the
     teacher, as SD-Turbo shares SD 2.1's) and its ``student`` UNet, Euler with trailing spacing."""
     return _pipeline(weights, student_dir or Path(weights) / "student", student_scheduler(), dtype)
+
+
+def _shipped_version() -> str:
+    """Names the shipped weights: the cached pipelines are rebuilt when ``build.json`` changes."""
+    from opad.fsutil import file_hash
+
+    return "world-" + file_hash(SHIPPED / SUMMARY)[:12]
+
+
+def write_world_preset(out_dir: Path, weights: Path = SHIPPED) -> None:
+    """``out_dir/teacher`` and ``out_dir/student``: the world's models as complete diffusers
+    ``StableDiffusionPipeline`` folders, which every ``--teacher`` / ``--student`` argument takes."""
+    for name, pipe in (("teacher", teacher_pipeline(weights)), ("student", student_pipeline(weights))):
+        pipe.save_pretrained(out_dir / name, safe_serialization=True)
+
+
+def world_preset_dir() -> Path:
+    """The shipped world as teacher and student pipeline folders in the cache, written on first use."""
+    return cached_folder(cache_root() / _shipped_version(), write_world_preset)
