@@ -7,6 +7,7 @@ Every field is a flag (``--max-steps`` for ``max_steps``) whose help text is the
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -200,14 +201,15 @@ class TrainConfig:
     def with_profile(self) -> "TrainConfig":
         """A copy with every field the user left to the profile filled in from it."""
         defaults = {**MODEL_DEFAULTS, **profile_defaults(self.profile)}
-        unset = {f.name: defaults[f.name] for f in dataclasses.fields(self) if getattr(self, f.name) is FROM_PROFILE}
+        unset = {f.name: copy.copy(defaults[f.name]) for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is FROM_PROFILE}  # a copy: no two configs share one default list
         return dataclasses.replace(self, **unset)
 
     def resolved(self, preset: Preset | None = None) -> "TrainConfig":
         """A copy with the profile's and the models' defaults filled in (what config.json records):
         ``preset``'s where the run is on a preset's models (no --teacher / --student), else the real ones'."""
         own = preset.train_defaults if preset else {}
-        c = dataclasses.replace(self, **{k: v for k, v in own.items() if getattr(self, k) is FROM_PROFILE})
+        c = dataclasses.replace(self, **{k: copy.copy(v) for k, v in own.items() if getattr(self, k) is FROM_PROFILE})
         c = c.with_profile()
         if c.teacher_first:  # --teacher-first is --method teacher-first
             c.method = "teacher-first"
