@@ -263,8 +263,10 @@ def test_kv_proj_with_some_outputs_unused(triton_mode):
     refs = kv_proj.kv_project_reference(x, weights, heads)
     want = torch.autograd.grad(refs[0].square().sum() + refs[5].sum(), [x, *weights], allow_unused=True)
     for a, b in zip(got, want):
-        b = torch.zeros_like(a) if b is None else b
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        if b is None:  # a layer no output of which is used: exactly no gradient
+            assert torch.count_nonzero(a) == 0
+        else:  # summed over batch x sequence in another order: fp32 rounding, relative to the whole tensor
+            assert rel_err(a, b) <= 1e-5
 
 
 # ------------------------------------------------------------------ the attention processor
