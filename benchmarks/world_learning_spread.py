@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from opad.config import TrainConfig
+from opad.presets import WORLD_CONCEPT
 from opad.world.fidelity import FIDELITY_PROMPTS, concept_similarity, read_photos
 
 OUT = Path(__file__).with_name("world_learning_spread.csv")
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args()
     os.environ["OPAD_PRESET"] = "world"
-    rows = [one_run(seed, args.steps, "checkered_mug") for seed in args.seeds]
+    rows = [one_run(seed, args.steps, WORLD_CONCEPT) for seed in args.seeds]
     new = not OUT.is_file()
     with OUT.open("a", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

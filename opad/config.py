@@ -208,22 +208,19 @@ class TrainConfig:
     def resolved(self, preset: Preset | None = None) -> "TrainConfig":
         """A copy with the profile's and the models' defaults filled in (what config.json records):
         ``preset``'s where the run is on a preset's models (no --teacher / --student), else the real ones'."""
+        # a preset's value fills each field the user left at its declared default (None, auto, [], the profile's)
         own = preset.train_defaults if preset else {}
-        c = dataclasses.replace(self, **{k: copy.copy(v) for k, v in own.items() if getattr(self, k) is FROM_PROFILE})
+        c = dataclasses.replace(self, **{k: copy.copy(v) for k, v in own.items() if getattr(self, k) == declared(k)})
         c = c.with_profile()
         if c.teacher_first:  # --teacher-first is --method teacher-first
             c.method = "teacher-first"
         c.teacher_first = c.method == "teacher-first"
         c.preset = preset.name if preset else None
-        c.max_steps = c.max_steps or own.get("max_steps", METHOD_STEPS[c.method])
+        c.max_steps = c.max_steps or METHOD_STEPS[c.method]
         if c.student_lr is None:
-            per_image = c.batch_size if c.method in LR_PER_IMAGE else 1
-            c.student_lr = own.get("student_lr", METHOD_LR[c.method] * per_image)
-        c.teacher_lr = c.teacher_lr if c.teacher_lr is not None else own.get("teacher_lr", 1e-5)
-        c.head_lr = c.head_lr if c.head_lr is not None else own.get("head_lr", 1e-4)
-        if c.ip_adapter == "auto" and "ip_adapter" in own:
-            c.ip_adapter = own["ip_adapter"]
-        c.preview_prompts = c.preview_prompts or list(own.get("preview_prompts", []))
+            c.student_lr = METHOD_LR[c.method] * (c.batch_size if c.method in LR_PER_IMAGE else 1)
+        c.teacher_lr = 1e-5 if c.teacher_lr is None else c.teacher_lr
+        c.head_lr = 1e-4 if c.head_lr is None else c.head_lr
         if c.method in BASELINES:  # the student alone: OPAD's teacher, heads and stage stay off
             c.use_teacher, c.discriminators, c.collab_start = False, [], None
         if c.lora_alpha is None and c.method == "lora":
@@ -363,6 +360,12 @@ def check_type(name: str, value, tp, where: str):
     raise OpadError(f"{where}{name} must be {kind}, got {value!r:.80}")
 
 
+def declared(name: str):
+    """The default a TrainConfig field declares (FROM_PROFILE for the fields a profile fills)."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def _show_list(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
@@ -372,7 +375,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = declared(f.name)
         shown = ",".join(default) if isinstance(default, list) else default
         if default is FROM_PROFILE:
             shown = describe_default(f.name) or _show_list(MODEL_DEFAULTS[f.name]) + " (a preset may set its own)"

@@ -92,8 +92,8 @@ class Trainer:
         if cfg.instance_dir and not cfg.class_name:
             raise OpadError("--class-name is required with --instance-dir (e.g. --class-name dog)")
         folder = self.preset.folder() if self.preset else None
-        self.bundle = b = load_models(cfg.teacher or folder and str(folder / "teacher"),
-                                      cfg.student or folder and str(folder / "student"), device=self.device,
+        teacher, student = (str(folder / "teacher"), str(folder / "student")) if folder else (cfg.teacher, cfg.student)
+        self.bundle = b = load_models(teacher, student, device=self.device,
                                       load_teacher=method_cls.needs_teacher)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"):
             for unet in (b.teacher_unet, b.student_unet):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-from opad.fsutil import cached_folder
+from opad.fsutil import cached_folder, file_hash
 from opad.models.tokenizer import build_sd2_tokenizer
 from opad.tiny import cache_root, student_scheduler, teacher_scheduler
 from opad.world.clip import load_text_encoder
@@ -48,8 +48,6 @@ def student_pipeline(weights: Path, dtype: torch.dtype = torch.float32, *, stude
 
 def _shipped_version() -> str:
     """Names the shipped weights: the cached pipelines are rebuilt when ``build.json`` changes."""
-    from opad.fsutil import file_hash
-
     return "world-" + file_hash(SHIPPED / SUMMARY)[:12]
 
 
