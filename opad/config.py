@@ -68,6 +68,9 @@ class TrainConfig:
                      "baseline on the student alone: custom-diffusion (K/V + token), dreambooth (the whole "
                      "UNet), lora (UNet LoRA through peft), textual-inversion (the token only); the baselines "
                      "use no teacher, discriminators or collaborative stage", choices=METHODS)
+    finetune: str = _f("student", "the model a Table-5 baseline personalizes: student (SD-Turbo, sampled at 1 "
+                       "step) or teacher (SD 2.1, sampled with DDIM and CFG: Custom Diffusion's own setting, "
+                       "Table 5's first row)", choices=("student", "teacher"))
     profile: str = _f("paper", "default set: paper (Algorithm 1 + collaborative stage) or release (the authors' "
                       "train_opad.py, point by point); each flag still overrides it", choices=PROFILES)
     # models and data
@@ -282,6 +285,9 @@ class TrainConfig:
         if c.teacher_first and c.method not in ("opad", "teacher-first"):
             raise OpadError(f"--teacher-first is --method teacher-first; it cannot be combined with "
                             f"--method {c.method}")
+        if c.finetune == "teacher" and c.method not in BASELINES:
+            raise OpadError(f"--finetune teacher is for the baselines ({', '.join(BASELINES)}); "
+                            f"--method {c.method} trains both models")
         if c.lora_rank < 1:
             raise OpadError(f"--lora-rank must be at least 1, got {c.lora_rank}")
         if c.teacher_first or c.method == "teacher-first":

@@ -142,3 +142,64 @@ class ClipEncoder(Encoder):
         if not prompts:
             return np.zeros((0, 0), np.float32)
         return self.model.encode_text(self.tokenizer(prompts).to(self.device)).float().cpu().numpy()
+
+
+class WorldClipEncoder(Encoder):
+    """The mini world's clip-family model (a transformers ``CLIPModel`` on 64 px scenes, both towers):
+    the CLIP-I and CLIP-T analogues on the world. Its numbers compare runs on the world with each other,
+    never with open_clip's on real photos."""
+
+    name = "clip"
+    comparable = True
+
+    def __init__(self, folder: str | Path) -> None:
+        from transformers import CLIPModel
+
+        from opad.models.quiet import quiet_transformers
+
+        folder = Path(folder)
+        weights = folder / "model.safetensors"
+        if not (folder / "config.json").is_file() or not weights.is_file():
+            raise OpadError(f"--clip-weights {str(folder)!r} is not a world clip folder (config.json, model.safetensors)")
+        with quiet_transformers():
+            self.model = CLIPModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        size = self.model.config.vision_config.image_size
+        self.model_id = f"world-clip:{size}px@sha256:{file_hash(weights)[:16]}"
+        # the world's own input range: [-1, 1] (opad.world.pool.to_model_range)
+        self.transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+
+    def _embed_images(self, batch: torch.Tensor) -> torch.Tensor:
+        from opad.world.clip import image_features
+
+        return image_features(self.model, batch)
+
+    @torch.no_grad()
+    def texts(self, prompts: list[str]) -> np.ndarray:
+        from opad.world.clip import text_features
+
+        if not prompts:
+            return np.zeros((0, 0), np.float32)
+        return text_features(self.model, prompts).cpu().numpy()
+
+
+WORLD = "world"  # --clip-weights / --dino-weights: the mini world's shipped clip / held-out evaluation encoder
+
+
+def clip_encoder(source: str, arch: str = CLIP_DEFAULT_ARCH) -> Encoder:
+    """``--clip-weights``: world (the mini world's shipped clip), a world clip folder, or open_clip's."""
+    from opad.world.layout import SHIPPED
+
+    if source == WORLD:
+        return WorldClipEncoder(SHIPPED / "clip")
+    if Path(source).is_dir():
+        return WorldClipEncoder(source)
+    return ClipEncoder(source, arch)
+
+
+def dino_encoder(source: str) -> DinoEncoder:
+    """``--dino-weights``: world (the mini world's held-out evaluation encoder), a timm folder, FILE, hub or tiny."""
+    from opad.world.layout import SHIPPED
+
+    return DinoEncoder(str(SHIPPED / "eval_encoder") if source == WORLD else source)
+

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from opad.data import image_files, read_image
 from opad.dreambench import DreamBench, read_dreambench
 from opad.errors import OpadError
-from opad.eval_encoders import CLIP_DEFAULT_ARCH, ClipEncoder, DinoEncoder, Encoder
+from opad.eval_encoders import CLIP_DEFAULT_ARCH, Encoder, clip_encoder, dino_encoder
 from opad.eval_metrics import PAIRINGS, bootstrap_interval, image_scores, prompt_type, strip_modifiers, text_scores
 from opad.fsutil import check_output_folder, file_hash, staged_dir
 from opad.runtime import pick_device
@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None, help="CSV or JSON lines: file, subject[, prompt, seed, prompt_type]")
     p.add_argument("--dino-weights", default=None,
                    help="DINO ViT-S/16 weights: FILE (timm/official checkpoint), DIR (a timm model folder "
-                   "with its own input size, e.g. the mini world's opad/world/weights/eval_encoder), hub (downloads), "
+                   "with its own input size), world (the mini world's held-out evaluation encoder), hub (downloads), "
                    "or tiny (tests)")
     p.add_argument("--clip-weights", default=None,
-                   help="CLIP weights: FILE (open_clip checkpoint), hub[:TAG] (downloads; TAG default openai), or tiny")
+                   help="CLIP weights: FILE (open_clip checkpoint), hub[:TAG] (downloads; TAG default openai), world "
+                   "(the mini world's clip, both towers) or a world clip DIR, or tiny")
     p.add_argument("--clip-arch", default=CLIP_DEFAULT_ARCH, help="open_clip architecture, e.g. ViT-B-32 or ViT-L-14")
     p.add_argument("--pairing", choices=PAIRINGS, default="all",
                    help="all: each image against every real image of its subject; single: against one reference")
@@ -164,15 +165,14 @@ class EmbeddingCache:
         return np.stack([rows[p] for p in paths])
 
 
-def _encoders(args: argparse.Namespace) -> tuple[DinoEncoder, ClipEncoder]:
+def _encoders(args: argparse.Namespace) -> tuple[Encoder, Encoder]:
     missing = [flag for flag, value in (("--dino-weights", args.dino_weights), ("--clip-weights", args.clip_weights))
                if not value]
     if missing:
-        raise OpadError(f"give {' and '.join(missing)}: a weights FILE, hub (downloads them), or tiny "
+        raise OpadError(f"give {' and '.join(missing)}: a weights FILE, hub (downloads them), world (the mini world's), or tiny "
                         "(random test models whose numbers mean nothing)")
     device = pick_device(args.device)
-    return (DinoEncoder(args.dino_weights).to(device),
-            ClipEncoder(args.clip_weights, args.clip_arch).to(device))
+    return dino_encoder(args.dino_weights).to(device), clip_encoder(args.clip_weights, args.clip_arch).to(device)
 
 
 def _mean_table(rows: list[dict], key: str, metrics: list[str]) -> dict:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from opad.generate import to_pil
+from opad.models.loading import teacher_view
 from opad.sampling import sample_student, sample_teacher
 
 if TYPE_CHECKING:
@@ -42,14 +43,20 @@ def write_preview(trainer: "Trainer", step: int) -> Path:
     cfg, bundle = trainer.cfg, trainer.bundle
     rows = []
     encoder = trainer.method.student_text_encoder
+    finetuned_teacher = cfg.finetune == "teacher"  # a baseline trained the teacher: sample it as one
+    teacher_bundle = teacher_view(bundle) if finetuned_teacher else bundle
     for i, prompt in enumerate(trainer.preview_prompts()):
-        row = [to_pil(sample_student(bundle, [prompt], steps=1, generator=torch.Generator().manual_seed(i),
-                                     resolution=trainer.resolution, text_encoder=encoder))[0]]
-        if cfg.use_teacher:
-            row += to_pil(sample_teacher(bundle, [prompt], steps=cfg.preview_teacher_steps, guidance_scale=cfg.guidance_scale,
-                                         generator=torch.Generator().manual_seed(i), resolution=trainer.resolution))
+        row = []
+        if not finetuned_teacher:
+            row += to_pil(sample_student(bundle, [prompt], steps=1, generator=torch.Generator().manual_seed(i),
+                                         resolution=trainer.resolution, text_encoder=encoder))
+        if cfg.use_teacher or finetuned_teacher:
+            row += to_pil(sample_teacher(teacher_bundle, [prompt], steps=cfg.preview_teacher_steps,
+                                         guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(i),
+                                         resolution=trainer.resolution))
         rows.append([_enlarge(im) for im in row])
-    labels = ["student"] + ([f"teacher {cfg.preview_teacher_steps}"] if cfg.use_teacher else [])
+    labels = ([] if finetuned_teacher else ["student"]) + \
+        ([f"teacher {cfg.preview_teacher_steps}"] if cfg.use_teacher or finetuned_teacher else [])
     path = trainer.out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(rows, labels).save(path)

@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if not trainer.is_main:
         return 0
     minutes = (time.perf_counter() - start) / 60
-    print(f"done in {minutes:.1f} min: concept in {out / 'concept'}, previews in {out / 'samples'}")
-    print(json.dumps({"concept": str(out / "concept"), "steps": trainer.step}))
+    concept = out / ("teacher_concept" if trainer.cfg.finetune == "teacher" else "concept")
+    print(f"done in {minutes:.1f} min: concept in {concept}, previews in {out / 'samples'}")
+    print(json.dumps({"concept": str(concept), "steps": trainer.step}))
     return 0
 
 

@@ -93,6 +93,8 @@ class Trainer:
             raise OpadError("--class-name is required with --instance-dir (e.g. --class-name dog)")
         folder = self.preset.folder() if self.preset else None
         teacher, student = (str(folder / "teacher"), str(folder / "student")) if folder else (cfg.teacher, cfg.student)
+        if cfg.finetune == "teacher":  # a baseline on the multi-step model: it trains in the student's seat
+            student = teacher or str(default_preset().folder() / "teacher")
         self.bundle = b = load_models(teacher, student, device=self.device,
                                       load_teacher=method_cls.needs_teacher)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"):

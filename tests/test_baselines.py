@@ -179,3 +179,36 @@ def test_dreambooth_prior_preservation(tiny_dir, tmp_path):
     values = trainer.iteration().values
     assert values["loss/student"] == pytest.approx(values["loss/denoise"] + values["loss/prior"], rel=1e-5)
     assert "loss/prior" in trainer.log_columns()
+
+
+def test_custom_diffusion_on_the_teacher(tiny_dir, tmp_path):
+    """--finetune teacher: Custom Diffusion personalizes the teacher (Table 5's SD 2.1 row). Its concept
+    is teacher_concept/ (no concept/ a student could wrongly load), fits the teacher and changes the
+    teacher's multi-step images; the previews sample the teacher."""
+    from opad.models.concept_tokens import add_modifier_tokens
+    from opad.models.loading import load_models, teacher_view
+    from opad.sampling import sample_teacher
+
+    trainer = make_trainer(tmp_path / "run", method="custom-diffusion", finetune="teacher", **FAST)
+    trainer.train()
+    assert trainer.bundle.student_source == str(tiny_dir / "teacher")  # the teacher trained in the student's seat
+    assert not (trainer.out / "concept").exists() and (trainer.out / "teacher_concept").is_dir()
+    assert json.loads((trainer.out / "config.json").read_text())["finetune"] == "teacher"
+    preview = Image.open(trainer.out / "samples" / "step-000003.png")
+    assert preview.width < 2 * 64 * 2  # one column: the teacher's samples, no one-step student
+
+    def teacher_image(concept):
+        bundle, _ = generate.load_student(str(tiny_dir / "teacher"), concept)
+        view = teacher_view(bundle)
+        assert view.teacher_unet is bundle.student_unet and type(view.teacher_scheduler).__name__ == "DDIMScheduler"
+        return sample_teacher(view, [PROMPT], steps=3, generator=torch.Generator().manual_seed(0))
+
+    plain = load_models(str(tiny_dir / "teacher"), str(tiny_dir / "student"))
+    trained_kv, original_kv = kv_parameters(trainer.bundle.student_unet), kv_parameters(plain.teacher_unet)
+    assert all(not torch.equal(a, b) for a, b in zip(trained_kv, original_kv))  # the teacher's K/V trained
+    add_modifier_tokens(plain.tokenizer, plain.text_encoder, ["<new1>"], ["toy"])  # the token as it started
+    before = sample_teacher(plain, [PROMPT], steps=3, generator=torch.Generator().manual_seed(0))
+    assert (teacher_image(str(trainer.out / "teacher_concept")) - before).abs().max() > 1e-3
+
+    with pytest.raises(OpadError, match="--finetune teacher is for the baselines"):
+        make_cfg("x", method="opad", finetune="teacher").validate()

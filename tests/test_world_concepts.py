@@ -89,3 +89,30 @@ def test_concepts_dir_is_written_once_to_the_cache(opad_cache):
     assert first.parent == opad_cache and (first / "prompts_and_classes.txt").is_file()
     stamp = (first / "concepts.json").stat().st_mtime_ns
     assert concepts.concepts_dir() == first and (first / "concepts.json").stat().st_mtime_ns == stamp
+
+
+def test_the_world_classifier_scores_class_and_prompted_context(written, tmp_path):
+    """opad.world.fidelity.classifier_scores on the car's own photos, each "prompted" with the context it
+    was taken in (plus a property prompt, which names none): the classifier finds the class and the
+    contexts; a wrong class word scores zero."""
+    import csv
+    import shutil
+
+    from opad.world.fidelity import classifier_scores, prompt_context
+
+    car = next(c for c in concepts.CONCEPTS if c.name == "checkered_car")
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    rows = []
+    for k, scene in enumerate(concepts.photo_scenes(car)):
+        shutil.copy(written / car.name / f"{k:02d}.png", folder / f"{k}.png")
+        rows.append({"file": f"{k}.png", "prompt": f"a photo of a <new1> car {CONTEXTS[scene.context].phrase}"})
+    shutil.copy(written / car.name / "00.png", folder / "property.png")
+    rows.append({"file": "property.png", "prompt": "a shiny <new1> car"})
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["file", "prompt"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert [prompt_context(r["prompt"]) for r in rows[:2]] == ["city", "snow"] and prompt_context(rows[-1]["prompt"]) is None
+    assert classifier_scores(folder, "car") == {"class_acc": 1.0, "context_acc": 1.0}
+    assert classifier_scores(folder, "bird")["class_acc"] == 0.0

@@ -7,6 +7,7 @@ a local folder is read with ``local_files_only``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -213,3 +214,16 @@ def load_models(
         teacher_source=t_src.spec if t_src else None,
         student_source=s_src.spec,
     )
+
+
+def teacher_view(bundle: ModelBundle) -> ModelBundle:
+    """A student-only bundle whose model is a teacher (``--finetune teacher``) seen as one: its UNet
+    in the teacher's seat with the folder's own DDIM scheduler, for :func:`opad.sampling.sample_teacher`."""
+    src = resolve_source(bundle.student_source, "teacher", TEACHER_PARTS)
+    try:
+        scheduler = DDIMScheduler.from_pretrained(src.path, subfolder="scheduler", **src.load_kwargs())
+    except (OSError, ValueError) as e:
+        raise OpadError(f"could not load the teacher scheduler of {src.spec!r}: {e}") from e
+    return dataclasses.replace(bundle, teacher_unet=bundle.student_unet, teacher_scheduler=scheduler,
+                               teacher_source=bundle.student_source)
+
