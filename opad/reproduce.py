@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from opad.config import METHODS
-from opad.dreambench import read_dreambench
+from opad.dreambench import DreamBench, read_dreambench
 from opad.errors import OpadError
 from opad.eval_metrics import bootstrap_interval
 from opad.presets import default_preset
@@ -148,7 +148,7 @@ class Plan:
     """The checked arguments: where the photos are, and every job's subject, arm and seed."""
 
     root: Path
-    bench: object  # opad.dreambench.DreamBench
+    bench: DreamBench
     subjects: list[str]
     arms: list[str]
     train_seeds: list[int]
