@@ -34,7 +34,7 @@ from PIL import Image
 
 from opad.dreambench import read_dreambench
 from opad.eval_encoders import clip_encoder, dino_encoder
-from opad.eval_metrics import strip_modifiers
+from opad.eval_metrics import cosine, strip_modifiers, text_scores
 from opad.world.classifier import WorldClassifier
 from opad.world.concepts import CONCEPTS, concepts_dir, photo_scenes
 from opad.world.fidelity import CLASSIFIER, prompt_context
@@ -60,11 +60,10 @@ def main() -> None:
     dino, clip = dino_encoder("world"), clip_encoder("world")
     classifier = WorldClassifier.load(CLASSIFIER)
     pool = world_scenes(4000, 1)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     rows = []
     for k, concept in enumerate(CONCEPTS):
         photos = [Image.open(p).convert("RGB") for p in sorted((root / concept.name).glob("*.png"))]
-        real = {"dino": unit(dino.images(photos)), "clip_i": unit(clip.images(photos))}
+        real = {"dino": dino.images(photos), "clip_i": clip.images(photos)}
         prompts = bench.prompts_for(concept.name, "<new1>")
         rng = random.Random(f"sanity:{concept.name}")
         home = photo_scenes(concept)[0]
@@ -82,7 +81,7 @@ def main() -> None:
         for name, (images, texts) in sets.items():
             row = {"concept": concept.name, "set": name, "images": len(images)}
             for metric, encoder in (("dino", dino), ("clip_i", clip)):
-                sims = unit(encoder.images(images)) @ real[metric].T
+                sims = cosine(encoder.images(images), real[metric])
                 if name == "photos, leave-one-out":
                     sims = sims[~np.eye(len(images), dtype=bool)]
                 row[metric] = round(float(sims.mean()), 4)
@@ -90,8 +89,8 @@ def main() -> None:
             predicted = classifier.predict(pixels)
             row["class_acc"] = round(float(np.mean([c == concept.class_word for c in predicted["category"]])), 4)
             if texts is not None:
-                t = unit(clip.texts([strip_modifiers(p, ()) for p in texts]))
-                row["clip_t"] = round(float((unit(clip.images(images)) * t).sum(1).mean()), 4)
+                prompts_scored = clip.texts([strip_modifiers(p, ()) for p in texts])
+                row["clip_t"] = round(float(text_scores(clip.images(images), prompts_scored).mean()), 4)
                 named = [(prompt_context(p), got) for p, got in zip(texts, predicted["context"]) if prompt_context(p)]
                 row["context_acc"] = round(float(np.mean([want == got for want, got in named])), 4)
             rows.append(row)
