@@ -250,6 +250,9 @@ class TrainConfig:
                 raise OpadError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         if c.preset is not None and c.preset not in PRESETS:
             raise OpadError(f"--preset must be one of {', '.join(PRESETS)}, got {c.preset!r}")
+        if c.preset is not None and (c.teacher or c.student):  # a preset's models and a named one would mix
+            raise OpadError("--preset picks the models only when neither --teacher nor --student is given; "
+                            "drop --preset, or the model flags")
         bad = [d for d in c.discriminators if d not in DISCRIMINATORS]
         if bad:
             raise OpadError(f"unknown discriminator {bad[0]!r}; choose from {', '.join(DISCRIMINATORS)} (or 'none')")

@@ -25,6 +25,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.errors import OpadError
+from opad.models.quiet import no_transformers_bars
 from opad.fsutil import check_can_create, staged_dir
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer
 
@@ -142,7 +143,8 @@ def write_tiny_preset(out_dir: str | os.PathLike) -> Path:
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
-            pipe.save_pretrained(tmp / name, safe_serialization=True)
+            with no_transformers_bars():
+                pipe.save_pretrained(tmp / name, safe_serialization=True)
             _compact_json(tmp / name / "tokenizer" / "tokenizer.json")
         (tmp / "VERSION").write_text(PRESET_VERSION + "\n")
     return out_dir

@@ -26,6 +26,15 @@ def test_device_and_dtype_are_applied(tiny_dir):
     assert {p.dtype for m in (b.text_encoder, b.vae, b.teacher_unet, b.student_unet) for p in m.parameters()} == {torch.bfloat16}
 
 
+def test_loading_prints_no_transformers_load_bar_and_leaves_its_setting_alone(tiny_dir, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    load_models(str(tiny_dir / "teacher"), str(tiny_dir / "student"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()  # restored for the caller's own loads
+
+
 def test_student_only_bundle_reads_just_the_student(tiny_dir):
     b = load_models(student=str(tiny_dir / "student"), load_teacher=False)
     assert b.teacher_unet is None and b.teacher_source is None

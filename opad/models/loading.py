@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from opad.errors import OpadError
 from opad.models.attention import install_fused_kv
+from opad.models.quiet import no_transformers_bars
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SHARED_PARTS = ("text_encoder", "tokenizer", "vae")
@@ -161,7 +162,8 @@ def _load_pipeline_parts(src: ModelSource, dtype: torch.dtype, with_shared: bool
     }
     if with_shared:
         parts["tokenizer"] = CLIPTokenizer.from_pretrained(src.path, subfolder="tokenizer", **kw)
-        parts["text_encoder"] = CLIPTextModel.from_pretrained(src.path, subfolder="text_encoder", dtype=dtype, **kw)
+        with no_transformers_bars():  # its warnings (a weight missing or unused) still show
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(src.path, subfolder="text_encoder", dtype=dtype, **kw)
         parts["vae"] = AutoencoderKL.from_pretrained(src.path, subfolder="vae", torch_dtype=dtype, **kw)
     return parts
 

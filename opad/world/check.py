@@ -23,6 +23,7 @@ from torchvision.transforms.functional import to_pil_image
 from transformers import CLIPModel
 
 from opad.errors import OpadError
+from opad.models.quiet import no_transformers_bars
 from opad.world import encoders
 from opad.world import vae as world_vae
 from opad.world.classifier import WorldClassifier, accuracy
@@ -164,7 +165,8 @@ def check_classifier(classifier_dir: Path, images: np.ndarray, scenes: list[Scen
 def check_clip(clip_dir: Path, images: np.ndarray, scenes: list[Scene]) -> list[Bar]:
     if not (clip_dir / "config.json").is_file():
         return [Bar("clip", "held-out caption vs category-swapped", None, CLIP_ACCURACY)]
-    model = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32)
+    with no_transformers_bars():
+        model = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32)
     acc = zero_shot_accuracy(model, Pool(images, [caption(s) for s in scenes], scenes))
     return [Bar("clip", f"held-out caption vs {k}-swapped", round(acc[k], 3), CLIP_ACCURACY, f"{len(images)} scenes")
             for k in ("category", "context")]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
-from opad.models.quiet import quiet_transformers
+from opad.models.quiet import no_transformers_bars, quiet_transformers
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer, prompt_ids
 from opad.world import component
 from opad.world.contexts import CONTEXTS
@@ -145,6 +145,8 @@ def save_preprocessor(out: Path) -> None:
 def finish(model: CLIPModel, heldout: Pool, out: Path) -> dict:
     component.save_fp16(model, out)
     save_preprocessor(out)
-    shipped = CLIPModel.from_pretrained(out, torch_dtype=torch.float32).to(next(model.parameters()).device)
+    with no_transformers_bars():
+        shipped = CLIPModel.from_pretrained(out, torch_dtype=torch.float32)
+    shipped = shipped.to(next(model.parameters()).device)
     accuracy = zero_shot_accuracy(shipped, heldout)
     return {f"heldout_zero_shot_{k}": round(v, 4) for k, v in accuracy.items()}

@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 from opad.fsutil import cached_folder, file_hash
+from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import build_sd2_tokenizer
 from opad.tiny import cache_root, student_scheduler, teacher_scheduler
 from opad.world.clip import load_text_encoder
@@ -55,7 +56,8 @@ def write_world_preset(out_dir: Path, weights: Path = SHIPPED) -> None:
     """``out_dir/teacher`` and ``out_dir/student``: the world's models as complete diffusers
     ``StableDiffusionPipeline`` folders, which every ``--teacher`` / ``--student`` argument takes."""
     for name, pipe in (("teacher", teacher_pipeline(weights)), ("student", student_pipeline(weights))):
-        pipe.save_pretrained(out_dir / name, safe_serialization=True)
+        with no_transformers_bars():
+            pipe.save_pretrained(out_dir / name, safe_serialization=True)
 
 
 def world_preset_dir() -> Path:
