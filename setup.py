@@ -96,7 +96,7 @@ setup(
     ],
     extras_require={
         # the export and server tests run real ONNX Runtime, real HTTP and the official openai client
-        "test": ["pytest>=8", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],

@@ -12,6 +12,11 @@ import torch
 # kernel module is imported (opad.kernels imports them lazily, at the first forced-kernel call).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (the README's test command runs two workers) each worker takes its share of the
+# cores, so that the workers' torch thread pools do not fight over the same ones.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 # Commands run on the tiny random preset here (fast); the tests of the mini world ask for it by name.
 os.environ.setdefault("OPAD_PRESET", "tiny")
 
