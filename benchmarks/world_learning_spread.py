@@ -43,7 +43,8 @@ def one_run(seed: int, steps: int, concept: str) -> dict:
         trainer.train()
         seconds = time.perf_counter() - start
         after = score()
-    return {"seed": seed, "steps": steps, "concept": concept, "step0": round(before, 4), "final": round(after, 4),
+    return {"seed": seed, "steps": steps, "concept": concept,
+            "discriminators": "+".join(trainer.cfg.discriminators), "step0": round(before, 4), "final": round(after, 4),
             "gain": round(after - before, 4), "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}
 

@@ -68,9 +68,9 @@ PRESETS: dict[str, Preset] = {
     "world": Preset("world", _world_folder, _world_backbones, _world_concept,
                     # the world's UNets and heads are small and start far from the concept: faster rates, fewer
                     # steps (see the README's "Training on the mini world"); the world's clip has no IP-Adapter
-                    # its dino_v2 backbone is not shipped (it missed its kNN bar), so two discriminators
+                    # the discriminators are the profile's (the paper's three), the world's own backbones
                     train_defaults=dict(max_steps=300, teacher_lr=1e-3, student_lr=2e-4, head_lr=1e-4,
-                                        ip_adapter="none", discriminators=["dino_v1", "clip"], preview_prompts=[
+                                        ip_adapter="none", preview_prompts=[
                                             "a photo of a {} indoors", "a photo of a {} on the beach",
                                             "a photo of a {} in the snow"])),
     "tiny": Preset("tiny", _tiny_folder, lambda: dict.fromkeys(("dino_v1", "dino_v2", "clip"), "tiny"), _tiny_concept,

@@ -32,8 +32,9 @@ def test_the_preset_is_the_flag_then_opad_preset_then_the_world(monkeypatch):
 @pytest.mark.parametrize("argv, env, message", [
     (["--preset", "huge"], None, "--preset must be one of world, tiny, got 'huge'"),
     ([], "huge", "OPAD_PRESET 'huge' is not a preset"),
+    (["--preset", "tiny", "--teacher", "somewhere"], None, "--preset picks the models only when neither"),
 ])
-def test_an_unknown_preset_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, env, message):
+def test_a_bad_preset_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, env, message):
     if env:
         monkeypatch.setenv("OPAD_PRESET", env)
     assert train.main([*argv, "--output-dir", str(tmp_path / "run")]) == 2
@@ -88,8 +89,9 @@ def test_train_with_no_arguments_learns_a_world_concept_with_the_worlds_backbone
     assert trainer.subject == f"<new1> {mug.class_word}"
     photos = sorted((concepts_dir() / mug.name).glob("*.png"))
     assert len(trainer.data.images) == len(photos) == 5
-    # the world's trained backbones at their own 64 px; its dino_v2 is not shipped, so two discriminators
-    assert saved["discriminators"] == ["dino_v1", "clip"] and set(trainer.method.backbones) == {"dino_v1", "clip"}
+    # the paper's three discriminators, the world's own trained backbones at their own 64 px
+    assert saved["discriminators"] == ["dino_v1", "dino_v2", "clip"]
+    assert set(trainer.method.backbones) == {"dino_v1", "dino_v2", "clip"}
     assert all(b.input_size == 64 for b in trainer.method.backbones.values())
     grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
     assert grid.size == (2 * 128, 14 + 3 * 128)  # student | teacher; at home, on the beach, in the snow

@@ -3,6 +3,7 @@ the measures behind their bars, and their folders loading through opad's ordinar
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -16,6 +17,7 @@ from opad.backbones import build_backbone
 from opad.errors import OpadError
 from opad.eval_encoders import DinoEncoder
 from opad.world import check, encoders, pool
+from opad.world.layout import SHIPPED
 from opad.world.scenes import render, repose, world_scenes
 
 
@@ -202,3 +204,18 @@ def test_check_reports_each_encoder_against_its_bars(shipped_folders, monkeypatc
     assert [b.measure for b in bars] == ["held-out instance ranking", "held-out kNN class accuracy"]
     assert all(0 <= b.value <= 1 for b in bars) and [b.bar for b in bars] == [check.ENCODER_INSTANCE, check.ENCODER_KNN]
     assert check.check_encoder("dino_v2", folder.parent / "none")[0].value is None
+
+
+def test_the_shipped_encoders_are_what_the_build_recipe_trains_now():
+    """build.json's record of each shipped encoder holds the recipe in HPARAMS (a changed recipe needs a
+    rebuild), and dino_v2's LayerScale starts at the recipe's gain rather than timm's 1e-5."""
+    record = json.loads((SHIPPED / "build.json").read_text())
+    for kind in encoders.KINDS:
+        assert record[kind]["hparams"] == encoders.HPARAMS[kind], kind
+        for bar, value in record[kind]["metrics"].items():
+            assert value >= {"held-out instance ranking": check.ENCODER_INSTANCE,
+                             "held-out kNN class accuracy": check.ENCODER_KNN}[bar], (kind, bar)
+    gain = encoders.HPARAMS["dino_v2"]["layerscale_init"]
+    gammas = [p for n, p in encoders.make_vit("dino_v2", gain).named_parameters() if n.endswith(".gamma")]
+    assert len(gammas) == 8 and all(torch.all(g == gain) for g in gammas)
+    assert all(torch.all(p == 1e-5) for n, p in encoders.make_vit("dino_v2").named_parameters() if n.endswith("gamma"))
