@@ -25,8 +25,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.errors import OpadError
-from opad.models.quiet import no_transformers_bars
 from opad.fsutil import check_can_create, staged_dir
+from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer
 
 PRESET_VERSION = "tiny-v1"  # bump when the preset's content changes, so caches are rebuilt
