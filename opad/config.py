@@ -201,6 +201,12 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "auto (bf16 on CUDA, no on CPU), no, bf16")
     gradient_checkpointing: str = _f("auto", "auto (on with CUDA), on, off")
 
+    @property
+    def concept_folder(self) -> str:
+        """The run folder's concept: teacher_concept/ for a baseline that trained the teacher (as OPAD's
+        teacher), so that concept/ is always one the student can load."""
+        return "teacher_concept" if self.finetune == "teacher" else "concept"
+
     def with_profile(self) -> "TrainConfig":
         """A copy with every field the user left to the profile filled in from it."""
         defaults = {**MODEL_DEFAULTS, **profile_defaults(self.profile)}

@@ -85,3 +85,8 @@ def default_preset(name: str | None = None) -> Preset:
     if name not in PRESETS:
         raise OpadError(f"{where} {name!r} is not a preset; use one of: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def run_teacher(teacher: str | None, preset: str | None = None) -> str:
+    """The teacher a run uses: the one it names, else its preset's (``default_preset(preset)``)."""
+    return teacher or str(default_preset(preset).folder() / "teacher")

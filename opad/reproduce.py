@@ -36,7 +36,7 @@ from opad.config import METHODS
 from opad.dreambench import DreamBench, read_dreambench
 from opad.errors import OpadError
 from opad.eval_metrics import bootstrap_interval
-from opad.presets import default_preset
+from opad.presets import run_teacher
 
 DEFAULT_DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "dreambooth"
 PAPER = {  # CLIP-T, CLIP-I, DINO: Table 5 (SD-Turbo at 1 step; SD 2.1 at 25), Tables 6 and 9 (ablations)
@@ -260,7 +260,7 @@ def _sampler(args: argparse.Namespace, spec: Arm, train_dir: Path, steps: int):
         bundle, _ = load_student(args.student, str(train_dir / "concept"))
         return lambda prompt, seed: timed_image(bundle, prompt, seed, steps)
     config = json.loads((train_dir / "config.json").read_text())
-    teacher = config["teacher"] or str(default_preset(config["preset"]).folder() / "teacher")
+    teacher = run_teacher(config["teacher"], config["preset"])
     bundle = teacher_view(load_student(teacher, str(train_dir / "teacher_concept"))[0])
 
     def sample(prompt: str, seed: int):

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not trainer.is_main:
         return 0
     minutes = (time.perf_counter() - start) / 60
-    concept = out / ("teacher_concept" if trainer.cfg.finetune == "teacher" else "concept")
+    concept = out / trainer.cfg.concept_folder
     print(f"done in {minutes:.1f} min: concept in {concept}, previews in {out / 'samples'}")
     print(json.dumps({"concept": str(concept), "steps": trainer.step}))
     return 0

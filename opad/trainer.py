@@ -32,7 +32,7 @@ from opad.methods import method_class
 from opad.methods.base import Method, StepOutcome
 from opad.models.concept import add_modifier_tokens
 from opad.models.loading import load_models
-from opad.presets import PRESETS, default_preset
+from opad.presets import PRESETS, default_preset, run_teacher
 from opad.previews import write_preview
 from opad.runlog import NullLog, RunLog, plot_losses
 from opad.runtime import pick_device
@@ -94,7 +94,7 @@ class Trainer:
         folder = self.preset.folder() if self.preset else None
         teacher, student = (str(folder / "teacher"), str(folder / "student")) if folder else (cfg.teacher, cfg.student)
         if cfg.finetune == "teacher":  # a baseline on the multi-step model: it trains in the student's seat
-            student = teacher or str(default_preset().folder() / "teacher")
+            student = run_teacher(teacher)
         self.bundle = b = load_models(teacher, student, device=self.device,
                                       load_teacher=method_cls.needs_teacher)
         if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"):

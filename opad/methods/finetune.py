@@ -91,9 +91,7 @@ class StudentFinetune(Method):
         b = self.bundle
         if self.token_rows is not None:
             self.token_rows.sync()
-        # a teacher's concept is teacher_concept/, as OPAD's: concept/ is always one the student can load
-        where = "teacher_concept" if self.cfg.finetune == "teacher" else "concept"
-        save_concept(out / where, b.student_unet, b.tokenizer, b.text_encoder, [self.cfg.token],
+        save_concept(out / self.cfg.concept_folder, b.student_unet, b.tokenizer, b.text_encoder, [self.cfg.token],
                      format=self.concept_format, method=self.cfg.method)
 
 
