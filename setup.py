@@ -96,7 +96,9 @@ setup(
     ],
     extras_require={
         # the export and server tests run real ONNX Runtime, real HTTP and the official openai client
-        "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0"],
+        # cuobjdump (CUDA 13's, which reads older cubins too) lists opad._C's machine code per arch
+        "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0",
+                 "nvidia-cuda-cuobjdump>=13; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],

@@ -9,7 +9,9 @@ reference is timed: the kernel runs on the CPU only in Triton's interpreter, whi
 
 The sweep times the kernel's sort-and-reduce step alone for one chunk of directions at every
 pyramid level's size (rows swd_sort, providers registers|torch): opad.kernels.swd.REGISTER_SORT_MAX
-should be the largest size at which registers win.
+should be the largest size at which registers win. The register sort is timed only up to
+opad.kernels.swd.REGISTER_SORT_CAP (4096), the largest size it compiles for without spilling
+(benchmarks/kernel_resources.csv); larger levels time torch's sort alone.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def sort_sweep(args, device: torch.device) -> int:
         px, py = (torch.randn(args.batch, swd.CHUNK, n, generator=g, device=device) for _ in range(2))
         sign = torch.empty(args.batch, swd.CHUNK, n, device=device, dtype=torch.int8)
         for provider, limit in (("registers", n), ("torch", 0)):
-            if provider == "registers" and n > 65536:
-                continue  # beyond what one program can hold
+            if provider == "registers" and n > swd.REGISTER_SORT_CAP:
+                continue  # spills past it (8192), and ptxas runs for minutes at 16384
             rows.append({"name": "swd_sort", "provider": provider, "shape": f"{args.batch}x{swd.CHUNK}x{n}",
                          **time_op(lambda: swd._sorted_diff(px, py, sign, 0, limit), device, args.repeats)})
             print(f"{n:8d} {provider:9s} {rows[-1]['median_ms']:9.3f} ms", file=sys.stderr)

@@ -224,6 +224,105 @@ def test_ms_swd_with_the_kernel_equals_the_reference(batch, monkeypatch):
     assert rel_err(v, rv) <= 1e-5 and rel_err(g_, rg) <= 1e-5
 
 
+# ------------------------------------------------------------------ NaN and inf in the sort
+POISON = 77  # no sign the kernels write (-1, 0, 1): a position still holding it was never written
+NAN = float("nan")
+
+
+def _signed_nan(negative: bool) -> float:
+    bits = torch.tensor([0x7FC00000 | (-0x80000000 if negative else 0)], dtype=torch.int32)
+    return bits.view(torch.float32).item()
+
+
+def _projections_with_nans(batch, n, length, seed):
+    """Distinct random projections (no ties), with +NaN, -NaN and +/-inf at awkward places: x's last
+    direction of item 0 (where a stray padding index would write past the row), first and last
+    positions, y alone, x alone; item 2 holds only infinities, the last item nothing."""
+    g = torch.Generator().manual_seed(seed)
+    px, py = (torch.randperm(2 * batch * n * length, generator=g)[:batch * n * length].float().view(batch, n, length)
+              / 7 - 300 for _ in range(2))
+    pos_nan, neg_nan = _signed_nan(False), _signed_nan(True)
+    assert pos_nan != pos_nan and torch.tensor(neg_nan).view(torch.int32) < 0  # a -NaN indeed
+    px[0, n - 1, 0], px[0, n - 1, length - 1], px[0, 1, length // 2] = pos_nan, neg_nan, float("inf")
+    py[0, 0, 3], py[1, 0, length - 1] = neg_nan, pos_nan
+    px[1, 1, 5], px[1, 1, 6], py[1, 1, 7] = pos_nan, pos_nan, neg_nan
+    px[2, 0, 2], py[2, n - 1, length - 2], px[2, 1, 0] = float("inf"), float("-inf"), float("-inf")
+    return px.to(DEVICE), py.to(DEVICE)
+
+
+def _sorted_diff_reference(px, py, p0, total_directions):
+    """Per-item sum of |sorted x - sorted y| and the signs at x's indices (torch.sort: NaNs last)."""
+    sx, idx = px.sort(dim=2)
+    d = sx - py.sort(dim=2).values
+    sign = torch.zeros(px.shape[0], total_directions, px.shape[2], dtype=torch.int8, device=px.device)
+    sign[:, p0:p0 + px.shape[1]].scatter_(2, idx, torch.sign(d).to(torch.int8))  # sign(NaN) = 0
+    return d.abs().sum(dim=(1, 2), dtype=torch.float64), sign
+
+
+@pytest.mark.parametrize("length", [37, 64])  # padded to 64, and exactly a power of two
+def test_sort_with_nan_and_inf_writes_every_sign_once_and_nothing_outside(length, sort_path):
+    from opad.kernels import swd
+
+    batch, n, p0, guard = 4, 3, 1, 256
+    px, py = _projections_with_nans(batch, n, length, seed=length)
+    total = n + 2  # directions p0 - 1 and p0 + n belong to other chunks: the kernel must not touch them
+    buffer = torch.full((2 * guard + batch * total * length,), POISON, dtype=torch.int8, device=DEVICE)
+    sign = buffer[guard:guard + batch * total * length].view(batch, total, length)
+    got = swd._sorted_diff(px, py, sign, p0, swd.REGISTER_SORT_MAX)
+    want, want_sign = _sorted_diff_reference(px, py, p0, total)
+    assert torch.all(buffer[:guard] == POISON) and torch.all(buffer[-guard:] == POISON)  # nothing outside
+    assert torch.all(sign[:, :p0] == POISON) and torch.all(sign[:, p0 + n:] == POISON)  # nor in other chunks
+    assert not torch.any(sign[:, p0:p0 + n] == POISON)  # every real position written
+    assert torch.equal(sign[:, p0:p0 + n], want_sign[:, p0:p0 + n])
+    assert got.isnan().tolist() == [True, True, False, False]
+    assert got[2].isinf() and want[2].isinf()
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-6, atol=0)  # fp32 partial sums
+
+
+def test_swd_loss_with_nan_and_inf_pixels_is_nan_exactly_where_the_reference_is(sort_path, triton_mode):
+    x, y, proj = _swd_inputs(4, 7, 9, 12, 3, seed=21)
+    x, y = x.detach().clone(), y.clone()
+    x[0, 1, 3, 4], y[1, 2, 5, 2] = NAN, _signed_nan(True)  # NaN in x (item 0), -NaN in y (item 1)
+    x[2, 0, 3, 4] = float("inf")  # inside, so that no patch holds it twice: +/-inf projections, no NaN
+    x.requires_grad_(True)
+    weights = torch.rand(x.shape[0], device=DEVICE) + 0.5
+    loss = losses.swd_sorted_l1(x, y, proj)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), x)
+    ref = losses.swd_sorted_l1_reference(x, y, proj)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
+    assert ref.isnan().tolist() == [True, True, False, False] and ref[2].isinf()
+    torch.testing.assert_close(loss, ref, equal_nan=True, rtol=1e-5, atol=0)
+    # sign(NaN) = 0 in both: the gradient is finite everywhere and equals the reference's
+    assert torch.isfinite(ref_grad).all() and torch.isfinite(grad).all()
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
+def test_trainer_guard_skips_the_update_when_the_swd_kernel_gives_nan(tmp_path, monkeypatch):
+    """A NaN reaching MS-SWD's kernel (and nothing else) makes the student's loss NaN, which the
+    trainer's non-finite guard skips: no update, recorded as student:loss."""
+    from opad.kernels import swd
+    from tests.trainutil import make_trainer
+
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+    trainer = make_trainer(tmp_path, max_steps=1, swd_projections=8, swd_patch=3, swd_scales=3,
+                           discriminators=["clip"], batch_size=1, device=DEVICE.type)
+    to_lab, calls = losses.srgb_to_lab, []
+
+    def poisoned_to_lab(rgb):  # the student's image (the one with a gradient) gets one NaN pixel
+        lab = to_lab(rgb)
+        return lab.index_put((torch.tensor([0]),) * 4, torch.tensor(NAN)) if rgb.requires_grad else lab
+
+    apply = swd.SwdSortedL1.apply
+    monkeypatch.setattr(losses, "srgb_to_lab", poisoned_to_lab)
+    monkeypatch.setattr(swd.SwdSortedL1, "apply", lambda *a: calls.append(a) or apply(*a))
+    before = [p.detach().clone() for p in trainer.method.student_params]
+    out = trainer.iteration()
+    assert len(calls) == 3  # every scale through the kernel
+    assert out.values["loss/swd"] != out.values["loss/swd"] and "student:loss" in out.nonfinite
+    assert trainer.updates["student"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.method.student_params))
+
+
 # ------------------------------------------------------------------ K/V projections
 # (width, heads) pairs like SD 2.1's 320/640/1280 at 64-wide heads, scaled down; K and V each
 LAYERS = [(24, 3), (48, 6), (80, 5), (48, 6)]
@@ -267,6 +366,187 @@ def test_kv_proj_with_some_outputs_unused(triton_mode):
             assert torch.count_nonzero(a) == 0
         else:  # summed over batch x sequence in another order: fp32 rounding, relative to the whole tensor
             assert rel_err(a, b) <= 1e-5
+
+
+@pytest.fixture()
+def int64_tables(monkeypatch):
+    """Counts the int64 tables made from Python lists (each a host-to-device copy on a GPU)."""
+    made = []
+    tensor = torch.tensor
+
+    def counting(data, *args, **kwargs):
+        if kwargs.get("dtype") is torch.int64:
+            made.append(len(data))
+        return tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting)
+    return made
+
+
+def _kv_step(x, weights, heads, seed):
+    """Outputs and every gradient of the kernel, checked against per-layer F.linear."""
+    outs = kv_proj.kv_project(x, weights, heads)
+    g = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(o.shape, generator=g).to(DEVICE) for o in outs]
+    got = torch.autograd.grad(outs, [x, *weights], upstream)
+    refs = kv_proj.kv_project_reference(x, weights, heads)
+    want = torch.autograd.grad(refs, [x, *weights], upstream)
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) <= 1e-5
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+    return outs
+
+
+def test_kv_proj_builds_its_tables_once_per_weight_set(triton_mode, int64_tables):
+    from opad.kernels import _kv_proj_triton
+
+    x, weights, heads = _kv_inputs(2, 5, 24, True, seed=13)
+    _kv_step(x, weights, heads, seed=1)
+    for step in range(2):  # the same weights, other contexts: no table is built again
+        int64_tables.clear()
+        x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+        outs = kv_proj.kv_project(x, weights, heads)
+        assert int64_tables == []  # a warm forward copies nothing to the device
+        torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
+        assert len(int64_tables) == 1  # backward: the new gradients' pointers, one table
+    cache = _kv_proj_triton.TABLES
+    builds = cache.builds
+    with torch.no_grad():  # an in-place update (an optimizer step) keeps the pointers: no rebuild
+        weights[0].add_(0.5)
+    outs = _kv_step(x, weights, heads, seed=2)
+    assert cache.builds == builds
+    weights[3] = weights[3].detach().clone().mul_(-1).requires_grad_(True)  # new storage: a new table
+    _kv_step(x, weights, heads, seed=3)
+    assert cache.builds == builds + 1
+    assert all(o._base is outs[0]._base for o in outs)  # the outputs share one buffer
+
+
+def test_kv_proj_table_cache_stays_bounded(triton_mode):
+    from opad.kernels import _kv_proj_triton
+
+    cache = _kv_proj_triton.TABLES
+    cache.clear()
+    weights = [torch.randn(8, 16, device=DEVICE) for _ in range(cache.capacity + 5)]
+    x = torch.randn(1, 3, 16, device=DEVICE)
+    for w in weights:  # as many weight sets as would overflow it
+        (out,) = kv_proj.kv_project(x, [w], [2])
+        assert rel_err(out, kv_proj.kv_project_reference(x, [w], [2])[0]) <= 1e-5
+    assert len(cache) == cache.capacity and cache.builds == len(weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kv_proj_makes_no_host_sync_once_its_tables_are_built(monkeypatch):
+    """The old wrapper copied every table from a Python list (a blocking copy) on every call."""
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+    x, weights, heads = _kv_inputs(2, 77, 64, True, seed=3)
+
+    def step():
+        outs = kv_proj.kv_project(x, weights, heads)
+        return torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
+
+    step()  # builds the weight set's tables: one blocking copy
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    refs = kv_proj.kv_project_reference(x, weights, heads)
+    want = torch.autograd.grad(refs, [x, *weights], [torch.ones_like(r) for r in refs])
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(grads, want))
+
+
+# ------------------------------------------------------------------ the launch device
+def test_on_device_makes_a_cuda_device_current_and_leaves_cpu_tensors_alone(monkeypatch):
+    from opad.kernels.launch import on_device
+
+    with on_device(torch.device("cpu")):  # torch.cuda.device would refuse a CPU device
+        pass
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with on_device(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+
+
+def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch):
+    import contextlib
+
+    from opad.kernels import _kv_proj_triton, aot, swd
+
+    current, launches, warps = [], [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    for module in (swd, _kv_proj_triton):
+        monkeypatch.setattr(module, "on_device", recording, raising=False)
+    for name, kernel in aot.kernels().items():
+        def run(*args, _run=kernel.run, _name=name, **kwargs):
+            launches.append((_name, current[-1] if current else None))
+            warps.append((_name, kwargs.get("BLOCK"), kwargs.get("num_warps")))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    for limit in (0, 1 << 20):  # both sort paths
+        x, y, proj = _swd_inputs(1, 5, 6, 3, 3, seed=limit % 7)
+        swd.swd_sorted_l1(x, y, proj, register_sort_max=limit).sum().backward()
+    x, weights, heads = _kv_inputs(1, 3, 24, True, seed=2)
+    outs = kv_proj.kv_project(x, weights, heads)
+    torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
+    assert {name for name, _ in launches} == set(aot.kernels())  # every kernel launched ...
+    assert {device for _, device in launches} == {x.device}  # ... each on its tensors' device
+    compiled = {(v.kernel, v.constexprs.get("BLOCK")): v.num_warps for v in aot.variants()}
+    for name, block, num_warps in warps:  # with the block size and warp count the AOT compile checked
+        assert num_warps == compiled[name, block], (name, block, num_warps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_on_the_second_gpu_while_the_first_is_current(monkeypatch):
+    monkeypatch.setenv("OPAD_KERNELS", "triton")
+    second = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        x, y, proj = (t.detach().to(second) for t in _swd_inputs(2, 23, 37, 40, 5, seed=1, lattice=True))
+        x.requires_grad_(True)
+        for limit in (0, 1 << 20):
+            from opad.kernels import swd
+
+            monkeypatch.setattr(swd, "REGISTER_SORT_MAX", limit)
+            loss = losses.swd_sorted_l1(x, y, proj)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            ref = losses.swd_sorted_l1_reference(x, y, proj)
+            (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+            assert loss.device == second and rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+        x, weights, heads = _kv_inputs(3, 11, 24, True, seed=5)
+        x = x.detach().to(second).requires_grad_(True)
+        weights = [w.detach().to(second).requires_grad_(True) for w in weights]
+        outs = kv_proj.kv_project(x, weights, heads)
+        refs = kv_proj.kv_project_reference(x, weights, heads)
+        upstream = [torch.randn_like(r) for r in refs]
+        got = torch.autograd.grad(outs, [x, *weights], upstream)
+        want = torch.autograd.grad(refs, [x, *weights], upstream)
+        torch.cuda.synchronize(second)
+        assert all(o.device == second and rel_err(o, r) <= 1e-5 for o, r in zip(outs, refs))
+        assert all(rel_err(a, b) <= 1e-5 for a, b in zip(got, want))
+        assert torch.cuda.current_device() == 0
 
 
 # ------------------------------------------------------------------ the attention processor

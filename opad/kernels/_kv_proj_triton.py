@@ -1,14 +1,32 @@
-"""The Triton half of :mod:`opad.kernels.kv_proj` (imported only when the kernel is chosen)."""
+"""The Triton half of :mod:`opad.kernels.kv_proj` (imported only when the kernel is chosen).
+
+The kernels read the weights, and write the outputs, through small device tables (pointers, sizes,
+tile lists). Building one from a Python list is a blocking host-to-device copy, and a training
+step calls this 5-10 times, so (:class:`_TableCache`):
+
+* the weight tables (pointers, widths, head sizes, tiles) are cached per weight set;
+* the forward's outputs are views into one buffer allocated per call, so their table is a list of
+  fixed column offsets into it (cached with the weights' tables): a forward copies nothing to the
+  device once warm, and can be captured in a CUDA graph;
+* backward's tables hold the incoming gradients' and the new dW's pointers, new every call: they go
+  up from pinned host memory without blocking (:func:`_upload`).
+"""
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from opad.kernels.launch import on_device
+
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
+NUM_WARPS = 4  # Triton's default, stated so the AOT compile (opad.kernels.aot) and the launches agree
 
 
 @triton.jit
@@ -25,13 +43,15 @@ def _tile(tiles, t, n_of, hd_of):
 
 
 @triton.jit
-def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
-                       DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # out_g[b, n // hd, s, n % hd] = sum_k x[b, s, k] * w_g[n, k] for the tile's weight g
+def _kv_forward_kernel(x_ptr, w_ptrs, out_base, out_cols, tiles, n_of, hd_of, M, S, D,
+                       DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    # out_g[b, n // hd, s, n % hd] = sum_k x[b, s, k] * w_g[n, k] for the tile's weight g; out_g
+    # starts M * (the widths of the weights before g) elements into the one output buffer
     pid_m, t = tl.program_id(0), tl.program_id(1)
     g, n0, N, hd = _tile(tiles, t, n_of, hd_of)
     w_ptr = tl.load(w_ptrs + g).to(tl.pointer_type(W_DTYPE))
-    out_ptr = tl.load(out_ptrs + g).to(tl.pointer_type(DTYPE))
+    out_ptr = out_base + M * tl.load(out_cols + g)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -48,7 +68,8 @@ def _kv_forward_kernel(x_ptr, w_ptrs, out_ptrs, tiles, n_of, hd_of, M, S, D,
 
 @triton.jit
 def _kv_dw_kernel(x_ptr, gout_ptrs, dw_ptrs, tiles, n_of, hd_of, M, S, D,
-                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
     # dw_g[n, k] = sum_m gout_g[b(m), n // hd, s(m), n % hd] * x[m, k]
     t, pid_k = tl.program_id(0), tl.program_id(1)
     g, n0, N, hd = _tile(tiles, t, n_of, hd_of)
@@ -70,7 +91,8 @@ def _kv_dw_kernel(x_ptr, gout_ptrs, dw_ptrs, tiles, n_of, hd_of, M, S, D,
 
 @triton.jit
 def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
-                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     # dx[m, k] = sum_g sum_n gout_g[b(m), n // hd, s(m), n % hd] * w_g[n, k]
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,35 +114,101 @@ def _kv_dx_kernel(gout_ptrs, w_ptrs, n_of, hd_of, G, dx_ptr, M, S, D,
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < D))
 
 
-def _table(values: list[int], device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+# ------------------------------------------------------------------ the tables
+def _upload(values: list[int], device: torch.device) -> Tensor:
+    """An int64 device table of ``values`` for this call's launches, on the current stream. On CUDA
+    from pinned memory without blocking: the caching host allocator keeps the pinned block until the
+    copy has run, so it may be dropped at once."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
 
 
-def _tiles(sizes: list[int], block: int, device: torch.device) -> tuple[Tensor, int]:
-    pairs = [(g, n0) for g, n in enumerate(sizes) for n0 in range(0, n, block)]
-    return _table([v for pair in pairs for v in pair], device), len(pairs)
+class _WeightTables:
+    """The device tables of one weight set: pointers, widths, head sizes, the (weight, first
+    column) tile list, and each weight's first column in a buffer of all outputs side by side."""
+
+    def __init__(self, ptrs: tuple[int, ...], sizes: tuple[int, ...], hds: tuple[int, ...],
+                 device: torch.device) -> None:
+        tiles = [(g, n0) for g, n in enumerate(sizes) for n0 in range(0, n, BLOCK_N)]
+        cols = [sum(sizes[:g]) for g in range(len(sizes))]
+        # one blocking copy for all five, sliced: built once per weight set, complete before any
+        # stream reads it (a CUDA graph captures after the warm-up built it)
+        flat = torch.tensor([*ptrs, *sizes, *hds, *cols, *(v for tile in tiles for v in tile)],
+                            dtype=torch.int64, device=device)
+        self.ptrs, self.sizes, self.hds, self.cols, self.tiles = flat.split([len(ptrs)] * 4 + [2 * len(tiles)])
+        self.tile_count = len(tiles)
+
+
+class _TableCache:
+    """A small LRU of :class:`_WeightTables`, keyed by exactly what a table holds.
+
+    The key is the weights' data pointers, widths, head sizes, dtype and device. The weights'
+    version counters are deliberately not in it: a table holds where the weights are, not their
+    values, and a kernel reads the values through the pointers at launch, so an in-place update
+    (an optimizer step) needs no new table. A replaced weight (new storage) has another pointer and
+    gets a new table; a freed weight's memory taken over by another of the same width and dtype
+    gives an equal key, and the cached pointer is then the new weight's, which is right too.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self.builds = 0  # tables built (tests count them)
+        self._tables: OrderedDict[tuple, _WeightTables] = OrderedDict()
+        self._lock = threading.Lock()  # the server may project from several threads
+
+    def get(self, weights: list[Tensor], hds: list[int]) -> _WeightTables:
+        device = weights[0].device
+        ptrs, sizes = tuple(w.data_ptr() for w in weights), tuple(w.shape[0] for w in weights)
+        key = (device, weights[0].dtype, ptrs, sizes, tuple(hds))
+        with self._lock:
+            tables = self._tables.get(key)
+            if tables is None:
+                tables = self._tables[key] = _WeightTables(ptrs, sizes, tuple(hds), device)
+                self.builds += 1
+                if len(self._tables) > self.capacity:
+                    self._tables.popitem(last=False)  # freed in stream order: a queued launch still reads it
+            self._tables.move_to_end(key)
+            return tables
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+            self.builds = 0
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+TABLES = _TableCache()
 
 
 class KVProject(torch.autograd.Function):
     """outputs[g] = (x @ weights[g].T) split into heads[g] heads, for every g in one launch.
 
     The product runs in x's dtype (weights are converted as they are loaded, as autocast would
-    cast them); outputs and dX are in x's dtype, each dW in its weight's dtype.
+    cast them); outputs and dX are in x's dtype, each dW in its weight's dtype. The outputs are
+    views into one buffer.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, heads: list[int], *weights: Tensor) -> tuple[Tensor, ...]:
         B, S, D = x.shape
+        M = B * S
         x2 = x.detach().contiguous()
         ws = [w.detach().contiguous() for w in weights]
-        outs = [torch.empty(B, h, S, w.shape[0] // h, device=x.device, dtype=x.dtype) for w, h in zip(ws, heads)]
-        sizes = [w.shape[0] for w in ws]
-        hds = [n // h for n, h in zip(sizes, heads)]
-        tiles, count = _tiles(sizes, BLOCK_N, x.device)
-        _kv_forward_kernel[(triton.cdiv(B * S, BLOCK_M), count)](
-            x2, _table([w.data_ptr() for w in ws], x.device), _table([o.data_ptr() for o in outs], x.device),
-            tiles, _table(sizes, x.device), _table(hds, x.device), B * S, S, D,
-            DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        hds = [w.shape[0] // h for w, h in zip(ws, heads)]
+        tables = TABLES.get(ws, hds)
+        buffer = torch.empty(M * sum(w.shape[0] for w in ws), device=x.device, dtype=x.dtype)
+        outs, start = [], 0
+        for w, h in zip(ws, heads):
+            outs.append(buffer[start:start + M * w.shape[0]].view(B, h, S, w.shape[0] // h))
+            start += M * w.shape[0]
+        with on_device(x.device):
+            _kv_forward_kernel[(triton.cdiv(M, BLOCK_M), tables.tile_count)](
+                x2, tables.ptrs, buffer, tables.cols, tables.tiles, tables.sizes, tables.hds, M, S, D,
+                DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                num_warps=NUM_WARPS)
         ctx.save_for_backward(x2, *ws)
         ctx.hds = hds
         return tuple(outs)
@@ -132,30 +220,36 @@ class KVProject(torch.autograd.Function):
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         # only the weights that want a gradient and got one take part
         live = [g for g, gr in enumerate(grads) if gr is not None]
+        want_w = [g for g in live if needs_w[g]]
+        dx_from = live if needs_x else []
         gouts = {g: grads[g].contiguous() for g in live}
         dws: list[Tensor | None] = [None] * len(ws)
-        want_w = [g for g in live if needs_w[g]]
+        for g in want_w:
+            dws[g] = torch.empty_like(ws[g])
+        if want_w or dx_from:
+            # the pointers that change every call, in one non-blocking upload: gradients and dW for
+            # the dW launch, gradients for the dX launch
+            ptrs = _upload([*(gouts[g].data_ptr() for g in want_w), *(dws[g].data_ptr() for g in want_w),
+                            *(gouts[g].data_ptr() for g in dx_from)], x.device)
+            gout_w, dw_ptrs, gout_x = ptrs.split([len(want_w), len(want_w), len(dx_from)])
         if want_w:
-            for g in want_w:
-                dws[g] = torch.empty_like(ws[g])
-            sizes = [ws[g].shape[0] for g in want_w]
-            tiles, count = _tiles(sizes, BLOCK_N, x.device)
-            _kv_dw_kernel[(count, triton.cdiv(D, BLOCK_K))](
-                x, _table([gouts[g].data_ptr() for g in want_w], x.device),
-                _table([dws[g].data_ptr() for g in want_w], x.device), tiles, _table(sizes, x.device),
-                _table([ctx.hds[g] for g in want_w], x.device), B * S, S, D,
-                DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M)
+            tables = TABLES.get([ws[g] for g in want_w], [ctx.hds[g] for g in want_w])
+            with on_device(x.device):
+                _kv_dw_kernel[(tables.tile_count, triton.cdiv(D, BLOCK_K))](
+                    x, gout_w, dw_ptrs, tables.tiles, tables.sizes, tables.hds, B * S, S, D,
+                    DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                    BLOCK_M=BLOCK_M, num_warps=NUM_WARPS)
         for g, w in enumerate(ws):  # a weight that wants a gradient but got no output gradient
             if needs_w[g] and dws[g] is None:
                 dws[g] = torch.zeros_like(w)
         dx = None
         if needs_x:
             dx = torch.zeros_like(x)
-            if live:
-                _kv_dx_kernel[(triton.cdiv(B * S, BLOCK_M), triton.cdiv(D, BLOCK_K))](
-                    _table([gouts[g].data_ptr() for g in live], x.device),
-                    _table([ws[g].data_ptr() for g in live], x.device),
-                    _table([ws[g].shape[0] for g in live], x.device), _table([ctx.hds[g] for g in live], x.device),
-                    len(live), dx, B * S, S, D,
-                    DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
+            if dx_from:
+                tables = TABLES.get([ws[g] for g in dx_from], [ctx.hds[g] for g in dx_from])
+                with on_device(x.device):
+                    _kv_dx_kernel[(triton.cdiv(B * S, BLOCK_M), triton.cdiv(D, BLOCK_K))](
+                        gout_x, tables.ptrs, tables.sizes, tables.hds, len(dx_from), dx, B * S, S, D,
+                        DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                        BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
         return (dx, None, *dws)

@@ -20,6 +20,17 @@ from torch import Tensor
 
 from opad.kernels import dispatch
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel takes, context and weights
+AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)  # what CUDA autocast computes a linear layer in
+
+
+def kernel_dtypes() -> list[tuple[torch.dtype, torch.dtype]]:
+    """Every (context, weight) dtype pair :func:`kv_project` can launch the kernel with: equal ones
+    outside autocast; under autocast the context in the autocast dtype, the weights in any float
+    dtype (opad.kernels.aot compiles each)."""
+    pairs = [(d, d) for d in FLOAT_DTYPES] + [(a, w) for a in AUTOCAST_DTYPES for w in FLOAT_DTYPES]
+    return list(dict.fromkeys(pairs))
+
 
 def kv_project_reference(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tensor]:
     """One ``F.linear`` per weight, split into heads as diffusers' attention does."""
@@ -44,8 +55,7 @@ def kv_project(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tenso
 def _unsupported(x: Tensor, weights: list[Tensor], heads: list[int]) -> str | None:
     if x.dim() != 3:
         return f"context must be (B, S, D), got {tuple(x.shape)}"
-    floats = (torch.float32, torch.float16, torch.bfloat16)
-    if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in floats or x.dtype not in floats:
+    if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in FLOAT_DTYPES or x.dtype not in FLOAT_DTYPES:
         return f"needs float weights of one dtype and a float context, got {sorted({str(w.dtype) for w in weights})}"
     if any(w.device != x.device for w in weights):
         return "weights on another device than the context"
