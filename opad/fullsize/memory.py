@@ -80,6 +80,15 @@ class LiveMemory(TorchDispatchMode):
         for t in tensors:
             self._count(t, label)
 
+    def relabel(self, tensors: Iterable[Tensor], label: str) -> None:
+        """Give the storages of ``tensors`` the label ``label`` (counting any not seen yet)."""
+        for t in tensors:
+            record = self.storages.get(id(t.untyped_storage()))
+            if record is None:
+                self._count(t, label)
+            else:
+                record.label = label
+
     def label_gradients(self, params: Iterable[Tensor], label: str = "gradients") -> list:
         """Label each parameter's gradient storage ``label`` once it is accumulated (hooks; returns their handles)."""
         def hook(p: Tensor) -> None:
@@ -89,6 +98,11 @@ class LiveMemory(TorchDispatchMode):
                 if record is not None:
                     record.label = label
         return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+    def reset_peak(self) -> None:
+        """Start the peak afresh from what is live now (e.g. after loading, whose transients differ by loader)."""
+        self.peak, self.peak_at = self.current, self.seq
+        self.phase_peaks.clear()
 
     @contextmanager
     def phase(self, label: str) -> Iterator[None]:

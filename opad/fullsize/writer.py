@@ -27,7 +27,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import safetensors.torch
@@ -99,29 +99,34 @@ BACKBONE_FILES = {
 
 
 # ---------------------------------------------------------------------------- the models, on the meta device
-def build_unet(config: dict) -> UNet2DConditionModel:
-    """A UNet of ``config`` with its parameters on the meta device (no memory, no initialisation)."""
-    with init_empty_weights():
+def _empty(empty: bool):
+    """Parameters on the meta device (no memory, no initialisation) unless ``empty`` is False (then the
+    modules' own initialisation runs: under a FakeTensorMode, fake tensors)."""
+    return init_empty_weights() if empty else nullcontext()
+
+
+def build_unet(config: dict, *, empty: bool = True) -> UNet2DConditionModel:
+    with _empty(empty):
         return UNet2DConditionModel(**config)
 
 
-def build_vae() -> AutoencoderKL:
-    with init_empty_weights():
-        return AutoencoderKL(**VAE)
+def build_vae(config: dict | None = None, *, empty: bool = True) -> AutoencoderKL:
+    with _empty(empty):
+        return AutoencoderKL(**(config or VAE))
 
 
-def build_text_encoder() -> CLIPTextModel:
-    with init_empty_weights(), no_transformers_bars():
-        return CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER))
+def build_text_encoder(config: dict | None = None, *, empty: bool = True) -> CLIPTextModel:
+    with _empty(empty), no_transformers_bars():
+        return CLIPTextModel(CLIPTextConfig(**(config or TEXT_ENCODER)))
 
 
-def build_backbones() -> dict[str, nn.Module]:
-    """The paper's backbones by ``BACKBONE_FILES`` key, parameters on the meta device."""
+def build_backbones(*, empty: bool = True) -> dict[str, nn.Module]:
+    """The paper's backbones by ``BACKBONE_FILES`` key."""
     import timm
 
     from opad.backbones import ImageProjection, _clip_vision_tower
 
-    with init_empty_weights():
+    with _empty(empty):
         clip = _clip_vision_tower(CLIP_ARCH)
         return {
             "clip": clip,
