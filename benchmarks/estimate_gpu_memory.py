@@ -46,14 +46,14 @@ from opad.fullsize.memory import LiveMemory, MemoryReport  # noqa: E402
 
 GOAL_GB, STRETCH_GB = 40, 24
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# the changes on the way to <= 24 GB, each added to the ones before (name, options)
+# the trainer as it runs on a GPU (without checkpointing, with the UNets' alone as before, with all of it as
+# now), then the changes on the way to <= 24 GB, each added to the ones before (name, options)
 SWEEP = [
-    ("as the trainer runs on a GPU today", {}),
+    ("no gradient checkpointing", {"checkpointing": "off"}),
+    ("UNets checkpointed (the trainer before)", {"checkpointing": "unets"}),
+    ("UNets, VAE decoder, backbones (now)", {}),
     ("+ frozen weights in bf16", {"frozen_dtype": "bf16"}),
-    ("+ VAE decoder checkpointing", {"frozen_dtype": "bf16", "vae_checkpointing": True}),
-    ("+ backbone checkpointing", {"frozen_dtype": "bf16", "vae_checkpointing": True, "backbone_checkpointing": True}),
-    ("+ batch 1 (x2 accumulation)", {"frozen_dtype": "bf16", "vae_checkpointing": True,
-                                     "backbone_checkpointing": True, "batch_size": 1}),
+    ("+ batch 1 (x2 accumulation)", {"frozen_dtype": "bf16", "batch_size": 1}),
 ]
 
 
@@ -102,11 +102,9 @@ def _fake(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 class FakeModels:
     """Stand-ins for opad's two loaders (load_models, build_backbone), called by the real Trainer."""
 
-    def __init__(self, models: str | None, frozen_dtype: torch.dtype, vae_checkpointing: bool,
-                 backbone_checkpointing: bool) -> None:
+    def __init__(self, models: str | None, frozen_dtype: torch.dtype) -> None:
         self.configs, self.dtype = _configs(models), frozen_dtype
         self.models = models
-        self.vae_checkpointing, self.backbone_checkpointing = vae_checkpointing, backbone_checkpointing
         self.schedulers = self._schedulers()
         self.backbone_modules: dict[str, torch.nn.Module] = {}
 
@@ -126,8 +124,6 @@ class FakeModels:
 
         text_encoder = CLIPTextModel(CLIPTextConfig(**self.configs["text_encoder"]))
         vae = writer.build_vae(self.configs["vae"], empty=False)
-        if self.vae_checkpointing:
-            vae.enable_gradient_checkpointing()
         unets = [writer.build_unet(self.configs[k], empty=False) for k in ("teacher_unet", "student_unet")]
         teacher_unet, student_unet = (_fake(m, self.dtype) for m in unets)
         return ModelBundle(
@@ -145,8 +141,6 @@ class FakeModels:
         if not self.backbone_modules:
             self.backbone_modules = {k: _fake(m, self.dtype) for k, m in writer.build_backbones(empty=False).items()}
         encoder = self.backbone_modules[name]
-        if self.backbone_checkpointing:
-            encoder.set_grad_checkpointing(True)
         size, mean, std = {"clip": (224, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
                            "dino_v2": (518, IMAGENET_MEAN, IMAGENET_STD),
                            "dino_v1": (224, IMAGENET_MEAN, IMAGENET_STD)}[name]
@@ -209,15 +203,17 @@ def _phases(mem: LiveMemory, trainer) -> contextlib.AbstractContextManager:
 
 
 def estimate(models: str | None = None, *, resolution: int = 512, dtype: str = "bf16", batch_size: int = 2,
-             gradient_checkpointing: bool = True, frozen_dtype: str = "fp32", vae_checkpointing: bool = False,
-             backbone_checkpointing: bool = False, iterations: int = 2) -> MemoryReport:
-    """The peak of ``iterations`` OPAD iterations (the second one holds the optimizer state from the first)."""
+             checkpointing: str = "all", frozen_dtype: str = "fp32", iterations: int = 2) -> MemoryReport:
+    """The peak of ``iterations`` OPAD iterations (the second one holds the optimizer state from the first).
+
+    ``checkpointing``: ``all`` (the trainer's --gradient-checkpointing on: UNets, VAE decoder, backbones),
+    ``unets`` (the UNets alone, as the trainer did before), ``off``."""
     from opad.config import TrainConfig
     from opad.example_concept import example_concept_dir
     from opad.trainer import Trainer
 
     example_concept_dir()  # written for real, before the fake mode (it draws images)
-    fakes = FakeModels(models, DTYPES[frozen_dtype], vae_checkpointing, backbone_checkpointing)
+    fakes = FakeModels(models, DTYPES[frozen_dtype])
     root = models or "fullsize"
     mem = LiveMemory()
     with tempfile.TemporaryDirectory() as out, FakeTensorMode(allow_non_fake_inputs=True), mem, \
@@ -227,10 +223,14 @@ def estimate(models: str | None = None, *, resolution: int = 512, dtype: str = "
         cfg = TrainConfig(teacher=f"{root}/teacher", student=f"{root}/student", output_dir=f"{out}/run",
                           device="cpu", mixed_precision="bf16" if dtype == "bf16" else "no", profile="paper",
                           resolution=resolution, batch_size=batch_size, collab_start=None, max_steps=10,
-                          gradient_checkpointing="on" if gradient_checkpointing else "off",
+                          gradient_checkpointing="off" if checkpointing == "off" else "on",
                           backbone_weights=[f"{n}=fake" for n in ("dino_v1", "dino_v2", "clip")],
                           ip_adapter="fake", allow_upscale=True)  # the bundled 128-px example photos
         trainer = Trainer(cfg, progress=False)
+        if checkpointing == "unets":
+            trainer.bundle.vae.disable_gradient_checkpointing()
+            for backbone in trainer.method.backbones.values():
+                backbone.set_grad_checkpointing(False)
         for p in trainer.method.parameters():  # trainable weights stay fp32 whatever the frozen ones are
             if p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -259,26 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="mixed precision of the iteration "
                    "(bf16 autocast, as the trainer on a GPU) or fp32")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", default="on", choices=("on", "off"))
+    p.add_argument("--checkpointing", default="all", choices=("all", "unets", "off"),
+                   help="all: the trainer's --gradient-checkpointing on (UNets, VAE decoder, backbones); unets: the "
+                   "UNets alone (the trainer before); off")
     p.add_argument("--frozen-dtype", default="fp32", choices=tuple(DTYPES),
                    help="the frozen weights' dtype (the trainer loads fp32 today)")
-    p.add_argument("--vae-checkpointing", action="store_true", help="checkpoint the VAE decoder's blocks")
-    p.add_argument("--backbone-checkpointing", action="store_true", help="checkpoint the backbones' blocks")
     p.add_argument("--sweep", action="store_true", help="the changes on the way to <= 24 GB, one row each")
     p.add_argument("--json", default=None, help="write the breakdowns here")
     args = p.parse_args(argv)
     base = dict(resolution=args.resolution, dtype=args.dtype, batch_size=args.batch_size,
-                gradient_checkpointing=args.gradient_checkpointing == "on", frozen_dtype=args.frozen_dtype,
-                vae_checkpointing=args.vae_checkpointing, backbone_checkpointing=args.backbone_checkpointing)
+                checkpointing=args.checkpointing, frozen_dtype=args.frozen_dtype)
     runs = [(name, {**base, **opts}) for name, opts in SWEEP] if args.sweep else [("as asked", base)]
     rows, results = [], []
     for name, opts in runs:
         start = time.perf_counter()
         report = estimate(args.models, **opts)
         seconds = time.perf_counter() - start
-        shape = (f"b{opts['batch_size']}x{opts['resolution']},{opts['dtype']},frozen-{opts['frozen_dtype']}"
-                 f"{',ckpt' if opts['gradient_checkpointing'] else ''}{',vae-ckpt' if opts['vae_checkpointing'] else ''}"
-                 f"{',bb-ckpt' if opts['backbone_checkpointing'] else ''}")
+        shape = (f"b{opts['batch_size']}x{opts['resolution']},{opts['dtype']},frozen-{opts['frozen_dtype']},"
+                 f"ckpt-{opts['checkpointing']}")
         print(f"\n{name} ({shape}; traced in {seconds:.0f} s)\n{report.table(1e9, 'GB')}", file=sys.stderr)
         rows.append(_row(report, shape))
         results.append({"name": name, "options": opts, "peak_bytes": report.peak, "at_peak": report.at_peak,

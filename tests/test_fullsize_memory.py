@@ -101,3 +101,41 @@ def test_relabel_and_reset_peak():
         keep = torch.randn(10)
     report = mem.report()
     assert report.peak == 440 and report.at_peak == {"weights": 400, "setup": 40} and keep.numel() == 10
+
+
+def _student_step_grads(trainer) -> tuple[list[torch.Tensor], int]:
+    """The student's K/V gradients of one student forward + backward (fixed draws), and its peak memory."""
+    method = trainer.method
+    states = {k: g.get_state() for k, g in trainer.generators.items()}
+    cond = method._encode(trainer.bundle.text_encoder, ["a photo of a <new1> toy"] * 2).detach()
+    mem = LiveMemory(block=1)
+    with mem:
+        terms = method.student_forward(["a photo"] * 2, cond, cond).terms
+        sum(terms.values()).backward()
+    for k, g in trainer.generators.items():
+        g.set_state(states[k])
+    grads = [p.grad.clone() for p in method.student_kv]
+    for p in method.student_kv:
+        p.grad = None
+    return grads, mem.report().peak
+
+
+def test_gradient_checkpointing_covers_the_vae_decoder_and_the_backbones(tmp_path):
+    """The student's image backpropagates through the VAE decoder and every backbone: with
+    --gradient-checkpointing on their blocks are recomputed too (at 512 px the decoder holds more than the
+    checkpointed UNets, docs/fullsize.md), with the same gradients and less memory held."""
+    from trainutil import make_trainer
+
+    trainer = make_trainer(tmp_path / "run", gradient_checkpointing="on", resolution=64, device="cpu")
+    b, backbones = trainer.bundle, trainer.method.backbones
+    assert b.vae.decoder.gradient_checkpointing
+    assert backbones["dino_v1"].encoder.grad_checkpointing and backbones["dino_v2"].encoder.grad_checkpointing
+    assert backbones["clip"].encoder.transformer.grad_checkpointing
+    checkpointed, peak_checkpointed = _student_step_grads(trainer)
+    b.vae.disable_gradient_checkpointing()
+    for backbone in backbones.values():
+        backbone.set_grad_checkpointing(False)
+    kept, peak_kept = _student_step_grads(trainer)
+    for a, c in zip(checkpointed, kept):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    assert peak_checkpointed < peak_kept
