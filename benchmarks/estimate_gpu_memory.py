@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the frozen weights' dtype (the trainer loads fp32 today)")
     p.add_argument("--sweep", action="store_true", help="the changes on the way to <= 24 GB, one row each")
     p.add_argument("--json", default=None, help="write the breakdowns here")
+    p.add_argument("--no-write", action="store_true", help="print only (no results.csv rows)")
     args = p.parse_args(argv)
     base = dict(resolution=args.resolution, dtype=args.dtype, batch_size=args.batch_size,
                 checkpointing=args.checkpointing, frozen_dtype=args.frozen_dtype)
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result['name']:40s} {gb:8.2f}  {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(write_rows(rows, torch.device("cpu")))
+    if not args.no_write:
+        print(write_rows(rows, torch.device("cpu")))
     return 0
 
 

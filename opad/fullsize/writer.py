@@ -13,9 +13,9 @@
 
 The weights are random (what the models draw is noise) but sized, shaped and typed as the real ones, so
 every code path -- loading, training, export, the runners -- meets the real memory and compute. Models are
-built on the meta device (no default initialisation of 2.5 B parameters) and each tensor is filled from its
+built on the meta device (no default initialisation of 3.1 B parameters) and each tensor is filled from its
 own seeded generator: Linear/Conv weights N(0, 1/fan_in) (activations keep their scale layer after layer),
-norms 1 and 0, biases 0, embeddings N(0, 0.02). The same seed writes the same files.
+norms 1 and 0, biases 0, layer scales 1, embeddings and tokens N(0, 0.02). The same seed writes the same files.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _std(module: nn.Module, name: str, shape: torch.Size) -> float | None:
         return None  # biases 0; norms and layer scales (DINOv2's) 1: each residual branch at full weight
     if len(shape) == 2 and type(module).__name__ == "VisionTransformer" and name == "proj":
         return shape[0] ** -0.5  # open_clip's output projection, applied as x @ proj
-    return 0.02  # embeddings, class tokens, positional embeddings, layer scales
+    return 0.02  # embeddings, class tokens, positional embeddings
 
 
 def _constant(module: nn.Module, name: str) -> float:
