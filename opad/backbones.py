@@ -96,6 +96,12 @@ class FrozenBackbone(nn.Module):
                 self._feature_dim = self(torch.zeros(1, 3, 8, 8, device=device)).shape[1]
         return self._feature_dim
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's blocks in backward instead of keeping their activations (timm and open_clip
+        encoders; transformers' checkpoints only in training mode, so a frozen one is left as it is)."""
+        if hasattr(self.encoder, "set_grad_checkpointing"):
+            self.encoder.set_grad_checkpointing(enable)
+
     def input_spec(self, resize: str | None = None) -> BackboneInput:
         """What this backbone's input is made of; ``resize`` overrides the default mode."""
         mean, std = self.mean_std if self.normalize else (None, None)  # release: raw [-1, 1]

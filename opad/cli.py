@@ -11,6 +11,7 @@ COMMANDS = {
     "train": "personalize the one-step student on a few photos (OPAD, or a baseline: --method)",
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
+    "fullsize": "write random-weight SD 2.1 / SD-Turbo pipelines and the paper's backbones at their published size",
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
     "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
     "evaluate": "DINO, CLIP-I and CLIP-T of generated images against real photos (DreamBench metrics)",

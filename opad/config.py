@@ -199,7 +199,8 @@ class TrainConfig:
     max_rollbacks: int = _f(3, "rollbacks before the run stops")
     device: str = _f("auto", "auto, cpu, cuda")
     mixed_precision: str = _f("auto", "auto (bf16 on CUDA, no on CPU), no, bf16")
-    gradient_checkpointing: str = _f("auto", "auto (on with CUDA), on, off")
+    gradient_checkpointing: str = _f("auto", "recompute the UNets', the VAE decoder's and the backbones' blocks in "
+                                     "backward instead of keeping their activations: auto (on with CUDA), on, off")
 
     @property
     def concept_folder(self) -> str:

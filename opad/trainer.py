@@ -97,10 +97,15 @@ class Trainer:
             student = run_teacher(teacher)
         self.bundle = b = load_models(teacher, student, device=self.device,
                                       load_teacher=method_cls.needs_teacher)
-        if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and self.device.type == "cuda"):
+        self.gradient_checkpointing = cfg.gradient_checkpointing == "on" or (
+            cfg.gradient_checkpointing == "auto" and self.device.type == "cuda")
+        if self.gradient_checkpointing:
             for unet in (b.teacher_unet, b.student_unet):
                 if unet is not None:
                     unet.enable_gradient_checkpointing()
+            # the student's image is decoded with gradients: at 512 px its decoder's activations outweigh the
+            # checkpointed UNets' (docs/fullsize.md); the backbones follow in the method (OpadMethod)
+            b.vae.enable_gradient_checkpointing()
 
         # data
         bundled_dir, bundled_class = (self.preset or PRESETS["tiny"]).concept()

@@ -130,6 +130,8 @@ class OpadMethod(Method):
                 name, source, dino_v2_size=cfg.dino_v2_size, clip_arch=cfg.clip_arch, normalize=cfg.disc_normalize,
                 resize=cfg.backbone_resize, ip_adapter=self._ip_adapter_source(source) if name == "clip" else None,
                 seed=cfg.seed + 31 * (DISCRIMINATORS.index(name) + 1)).to(self.device)
+            if self.loop.gradient_checkpointing:  # the student's image backpropagates through every backbone
+                backbones[name].set_grad_checkpointing()
         return backbones
 
     def _ip_adapter_source(self, clip_source: str) -> str | None:

@@ -1,0 +1,5 @@
+import sys
+
+from opad.fullsize import main
+
+sys.exit(main())
