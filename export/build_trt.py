@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opad.errors import OpadError
 from opad.config import DEVICE_PATTERN
+from opad.errors import OpadError
 from opad.export.export_onnx import TOLERANCE, run_cli  # the same bound: |TensorRT - ONNX Runtime|
 from opad.export.sidecar import read_sidecar
 from opad.export.trt_engine import execute, on_device, tensorrt

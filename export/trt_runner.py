@@ -47,7 +47,7 @@ class DirectLaunch:
         self.device = device
 
     def prepare(self, context) -> tuple[Callable[[], None], object]:
-        """(run, what to release with the context)."""
+        """(run, its CUDA graph: none here)."""
         return lambda: enqueue(context, self.device), None
 
 
