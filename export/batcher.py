@@ -74,6 +74,11 @@ class Batcher:
         self.waiting_jobs = 0
         self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.gathering = False  # a batch is being gathered or run
+
+    def busy(self) -> bool:
+        """Whether images wait or a batch is being gathered or run (a background warm-up gives way)."""
+        return bool(self.pending) or self.gathering
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -111,8 +116,12 @@ class Batcher:
             await self.arrived.wait()
             self.arrived.clear()
             while self.pending:
-                batch = await self._gather()
-                await self._run(batch)
+                self.gathering = True
+                try:
+                    batch = await self._gather()
+                    await self._run(batch)
+                finally:
+                    self.gathering = False
 
     async def _gather(self) -> list[tuple[Job, int]]:
         steps = self.pending[0][0].steps

@@ -6,8 +6,15 @@ Builds, from the folder ``export/export_onnx.py`` wrote:
   refits the engine instead of rebuilding it), with ``refit_map.json`` naming, for every PyTorch
   K/V parameter, the engine weight it becomes (and whether transposed);
 - ``denoise_decode_{N}step.plan``: the concept-agnostic graph, one engine for every concept;
-- ``engines.json``: the sidecar (the ONNX export's, plus profiles, precision, TensorRT version,
-  each engine's measured error against ONNX Runtime on the same inputs).
+- ``engines.json``: the sidecar (the ONNX export's, plus profiles, what the engines compute in and
+  how they were built, the refit weights' dtype, TensorRT version, each engine's measured error
+  against ONNX Runtime on the same inputs).
+
+Precision (:func:`opad.export.trt_plan.engine_precision`): an fp16 export becomes a strongly typed
+network (every tensor in the type the ONNX graph gives it, as ONNX Runtime checked it); an fp32
+export is exact fp32 (TF32 off: the parity check compares with exact fp32), or with ``--fp16``
+weakly typed with TensorRT free to pick fp16 per layer. Refit weights keep the ONNX initializers'
+dtype whatever the engine computes in.
 
 The profile is the export's own batch (static by default) or ``--batch-range A:B`` inside it.
 ``--plan-only`` writes the refit map and sidecar without TensorRT, to inspect what would be built.
@@ -21,17 +28,27 @@ Also ``python -m opad.export.build_trt``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from opad.config import DEVICE_PATTERN
 from opad.errors import OpadError
 from opad.export.export_onnx import TOLERANCE, run_cli  # the same bound: |TensorRT - ONNX Runtime|
 from opad.export.sidecar import read_sidecar
-from opad.export.trt_engine import execute, tensorrt
-from opad.export.trt_plan import REFIT_MAP, kv_parameter_names, parse_batch_range, profile_shapes, refit_map
+from opad.export.trt_engine import execute, on_device, tensorrt
+from opad.export.trt_plan import (
+    REFIT_MAP,
+    engine_precision,
+    kv_parameter_names,
+    parse_batch_range,
+    profile_shapes,
+    refit_map,
+)
 from opad.fsutil import check_output_folder, staged_dir
 
 ENGINES = "engines.json"
@@ -43,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="a folder written by export/export_onnx.py")
     p.add_argument("--out", required=True, help="output folder for the engines (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--fp16", action="store_true", help="let TensorRT pick fp16 kernels (an fp32 export)")
+    p.add_argument("--fp16", action="store_true", help="let TensorRT pick fp16 kernels per layer (an fp32 export; an "
+                   "fp16 export is built as fp16 anyway)")
+    p.add_argument("--device", default="cuda", help="the CUDA device to build and check on: cuda or cuda:N")
     p.add_argument("--batch-range", default=None, metavar="A:B", help="the engines' batch profile, within the "
                    "export's (default: the export's own)")
     p.add_argument("--timing-cache", default=None, help="a TensorRT timing cache file, read if present and "
@@ -69,20 +88,25 @@ def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
     return {name: w.detach().float().cpu().numpy() for name, w in zip(kv_parameter_names(unet), kv_parameters(unet))}
 
 
-def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, fp16: bool, refittable: list[str],
+def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, precision: dict, refittable: list[str],
                  timing_cache: bytes, workspace_gb: float) -> tuple[bytes, bytes]:
-    """(serialized engine, timing cache) for one ONNX file (TensorRT 10 API; unverified here)."""
+    """(serialized engine, timing cache) for one ONNX file (TensorRT 10 API; unverified here), built
+    as ``precision`` (:func:`opad.export.trt_plan.engine_precision`) says."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is TensorRT 10's only mode
+    # explicit batch is TensorRT 10's only mode; strongly typed: the ONNX graph's types decide
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision["strongly_typed"] else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise OpadError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if fp16:
+    if precision["fp16_flag"]:
         config.set_flag(trt.BuilderFlag.FP16)
+    if not precision["tf32"]:  # on by default in TensorRT
+        config.clear_flag(trt.BuilderFlag.TF32)
     if refittable:  # exactly these weights may change; everything else is folded and optimized
         config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
         for name in refittable:
@@ -109,6 +133,8 @@ def _check_args(args: argparse.Namespace) -> dict:
         raise OpadError(f"--fp16 builds from an fp32 export; {args.onnx} is {record['precision']}")
     if args.workspace_gb <= 0:
         raise OpadError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+    if not DEVICE_PATTERN.match(args.device) or args.device == "auto":
+        raise OpadError(f"--device must be cuda or cuda:N, got {args.device!r}")
     check_output_folder(args.out, args.overwrite)
     return record
 
@@ -117,36 +143,40 @@ def build(args: argparse.Namespace) -> Path:
     record = _check_args(args)
     batch = parse_batch_range(args.batch_range, record["batch"])
     shapes = profile_shapes(record, batch)
-    trt = None if args.plan_only else tensorrt()  # before any work: one sentence if it is missing
+    device = torch.device(args.device)
+    trt = None if args.plan_only else tensorrt(device)  # before any work: one sentence if it is missing
     onnx_dir, out = Path(args.onnx), Path(args.out)
     entries = refit_map(onnx_dir / "conditioning.onnx", kv_parameters_of(record))
-    precision = "fp16" if args.fp16 or record["precision"] == "fp16" else "fp32"
+    precision = engine_precision(record["precision"], args.fp16)
     errors: dict[str, float] = {}
-    with staged_dir(out, replace=True) as tmp:
+    # TensorRT builds on the current CUDA device (nothing to switch to for a --plan-only build)
+    with on_device(device) if trt is not None else contextlib.nullcontext(), staged_dir(out, replace=True) as tmp:
         (tmp / REFIT_MAP).write_text(json.dumps(entries, indent=1) + "\n")
         if trt is not None:
             cache_path = Path(args.timing_cache) if args.timing_cache else None
             cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
             for name, inputs in shapes.items():
                 refittable = [e["onnx"] for e in entries] if name == "conditioning.onnx" else []
-                engine, cache = build_engine(trt, onnx_dir / name, inputs, fp16=args.fp16, refittable=refittable,
+                engine, cache = build_engine(trt, onnx_dir / name, inputs, precision=precision, refittable=refittable,
                                              timing_cache=cache, workspace_gb=args.workspace_gb)
                 (tmp / name.replace(".onnx", ".plan")).write_bytes(engine)
-                errors[name] = _parity(trt, engine, onnx_dir / name, inputs, TOLERANCE[precision])
+                errors[name] = _parity(trt, engine, onnx_dir / name, inputs, TOLERANCE[precision["tolerance"]], device)
                 print(f"built {name.replace('.onnx', '.plan')} (max error {errors[name]:.2e})", file=sys.stderr)
             if cache_path:
                 cache_path.write_bytes(cache)
-        sidecar = {**record, "onnx_dir": str(onnx_dir.resolve()), "engine_precision": precision,
+        sidecar = {**record, "onnx_dir": str(onnx_dir.resolve()), "engine_precision": precision["computes"],
+                   "builder": {k: precision[k] for k in ("strongly_typed", "fp16_flag", "tf32")},
+                   "refit_dtype": sorted({e["dtype"] for e in entries}),
                    "profiles": shapes, "refit_map": REFIT_MAP, "built": trt is not None,
                    "tensorrt": getattr(trt, "__version__", None), "max_abs_error_vs_onnxruntime": errors}
         (tmp / ENGINES).write_text(json.dumps(sidecar, indent=1) + "\n")
     return out
 
 
-def _parity(trt, engine: bytes, onnx_path: Path, shapes: dict[str, list[list[int]]], tolerance: float) -> float:
+def _parity(trt, engine: bytes, onnx_path: Path, shapes: dict[str, list[list[int]]], tolerance: float,
+            device: torch.device) -> float:
     """Max |TensorRT - ONNX Runtime| on random inputs of the profile's opt shapes; no NaN."""
     import onnxruntime as ort
-    import torch
 
     rng = np.random.default_rng(0)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -155,7 +185,7 @@ def _parity(trt, engine: bytes, onnx_path: Path, shapes: dict[str, list[list[int
     want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     got = {k: v.cpu().numpy() for k, v in execute(trt, runtime.deserialize_cuda_engine(engine),
-                                                   {k: torch.from_numpy(v) for k, v in feeds.items()}).items()}
+                                                   {k: torch.from_numpy(v) for k, v in feeds.items()}, device).items()}
     worst = 0.0
     for name, value in got.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():

@@ -33,6 +33,7 @@ import torch
 
 from opad.errors import OpadError, first_line
 from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
+from opad.export.precision import exact_fp32
 from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 from opad.export.trt_plan import parse_range
 from opad.fsutil import staged_dir
@@ -201,7 +202,8 @@ def export_onnx(args: argparse.Namespace) -> Path:
     names = kv_names(layers)
     out = Path(args.out)
     errors: dict[str, float] = {}
-    with _reference_kernels(), torch.no_grad(), staged_dir(out, replace=True) as tmp:
+    # exact fp32 (no TF32 on a GPU) for the PyTorch side of the parity check: ONNX Runtime's is exact
+    with _reference_kernels(), exact_fp32(), torch.no_grad(), staged_dir(out, replace=True) as tmp:
         embeds = _prompt_embeddings(bundle, tokens, batch[1])
         noise = torch.cat([initial_noise(bundle, 1, resolution, torch.Generator().manual_seed(i))
                            for i in range(batch[1])])

@@ -66,9 +66,13 @@ class DenoiseDecodeGraph(nn.Module):
         self.kv = fused_kv(self.unet) or install_fused_kv(self.unet)
         cfg = bundle.student_scheduler.config
         self.timesteps = trailing_timesteps(steps, cfg.num_train_timesteps)
-        self.register_buffer("alphas_cumprod", bundle.student_scheduler.alphas_cumprod.clone(), persistent=False)
+        # on the UNet's device: a CPU schedule would be a host->device copy per step (and inside a CUDA graph)
+        self.register_buffer("alphas_cumprod", bundle.student_scheduler.alphas_cumprod.to(self.unet.device, copy=True),
+                             persistent=False)
         self.prediction_type = cfg.prediction_type
         self.scaling_factor = bundle.vae.config.scaling_factor
+        # read once: a diffusers model's .dtype walks every module, and torch.compile would trace that walk
+        self.unet_dtype, self.vae_dtype = self.unet.dtype, self.vae.dtype
         self.context_dim = self.unet.config.cross_attention_dim
 
     def forward(self, noise: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,12 +84,12 @@ class DenoiseDecodeGraph(nn.Module):
         # the UNet's signature wants a context; with the K/V given, only its batch size is read
         placeholder = noise.new_zeros(noise.shape[0], 1, self.context_dim)
         with self.kv.given(pairs):
-            return ddim_sample(lambda z, t: unet_prediction(self.unet, z, t, placeholder),
+            return ddim_sample(lambda z, t: unet_prediction(self.unet, z, t, placeholder, self.unet_dtype),
                                turbo_initial_latent(noise, self.timesteps[0], self.alphas_cumprod),
                                self.timesteps, self.alphas_cumprod, self.prediction_type)
 
     def decode(self, z0: Tensor) -> tuple[Tensor, Tensor]:
-        return decode_to_images(self.vae, z0, self.scaling_factor)
+        return decode_to_images(self.vae, z0, self.scaling_factor, self.vae_dtype)
 
 
 class SingleGraph(nn.Module):
@@ -100,8 +104,10 @@ class SingleGraph(nn.Module):
         return self.denoise(noise, *self.conditioning(token_embeds))
 
 
-def decode_to_images(vae: nn.Module, z0: Tensor, scaling_factor: float) -> tuple[Tensor, Tensor]:
-    """VAE decode -> (uint8 NHWC, rounded as :func:`opad.generate.to_pil`; float NCHW in [0, 1])."""
-    image = vae.decode((z0 / scaling_factor).to(vae.dtype)).sample.float()
+def decode_to_images(vae: nn.Module, z0: Tensor, scaling_factor: float,
+                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """VAE decode -> (uint8 NHWC, rounded as :func:`opad.generate.to_pil`; float NCHW in [0, 1]);
+    ``dtype``: the VAE's, when the caller knows it."""
+    image = vae.decode((z0 / scaling_factor).to(dtype or vae.dtype)).sample.float()
     image = (image / 2 + 0.5).clamp(0, 1)
     return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1), image

@@ -11,16 +11,19 @@ concepts.
 - ``eager``: the PyTorch graphs (:mod:`opad.export.graphs`) on the student and each concept's
   weights, read once and never applied to the shared models. Equal to ``opad.generate``.
 - ``compiled``: ``eager`` with the denoise+decode graph through ``torch.compile`` (inductor; on a
-  GPU ``max-autotune`` with CUDA graphs, channels-last, the half precision given as ``dtype``).
-  Within one level of 255 of ``eager``.
+  GPU ``max-autotune`` with CUDA graphs, channels-last, the half precision given as ``dtype``), one
+  compiled variant per (steps, batch padded to a power of two), each its own dynamo region with its
+  own recompile limit; a variant that would fall back to eager raises instead. Within one level of
+  255 of ``eager``.
 - ``onnxruntime``: the files of ``python export/export_onnx.py``, one export folder per concept
   (their denoise+decode graphs are interchangeable; the first folder's is used for all). Within
   1e-3 of ``opad.generate`` on the float image, i.e. at most 1 of 255 after rounding. An export of
   a lora or unet concept bakes it into its denoise+decode graph and runs alone.
-- ``tensorrt``: the engines of ``python export/build_trt.py`` -- the conditioning engine refitted
-  per concept with every K/V weight (the refit map), the denoise+decode engine replayed as a CUDA
-  graph per (steps, batch). **Unverified**: TensorRT cannot be installed where opad is developed;
-  without it (or a GPU) this backend raises one clear error.
+- ``tensorrt``: the engines of ``python export/build_trt.py`` on ``device`` (cuda:N) -- the
+  conditioning engine refitted per concept with every K/V weight (the refit map), batches cut to the
+  engines' profile, the denoise+decode engine replayed as a CUDA graph per (steps, run size), a few
+  kept (:mod:`opad.export.trt_runner`). **Unverified**: TensorRT cannot be installed where opad is
+  developed; without it (or a GPU) this backend raises one clear error.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from opad.errors import OpadError
+from opad.export.batch_plan import batch_chunks, compiled_batch, take_rows
 from opad.export.graphs import DenoiseDecodeGraph, encode_token_embeddings, token_embedding_table
 from opad.export.sidecar import check_matches, folder_hashes, read_sidecar
 from opad.kernels.kv_proj import kv_project
@@ -47,6 +51,9 @@ from opad.sampling import STUDENT_STEPS
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
+# compilations allowed per compiled (steps, batch) variant: its one, and one spare for a guard that
+# changes after a first call; past it torch.compile raises (fullgraph) instead of running eager
+RECOMPILE_LIMIT = 2
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype) -> Tensor:
@@ -83,27 +90,30 @@ class Runner:
     def __init__(self, backend: str = "eager", *, student: str | None = None,
                  concepts: Mapping[str, str] | None = None, onnx: Mapping[str | None, str] | None = None,
                  engines: str | None = None, device: str = "auto", dtype: str = "auto",
-                 torch_conditioning: bool = False) -> None:
+                 torch_conditioning: bool = False, compile_backend: str | Callable = "inductor") -> None:
         if backend not in BACKENDS:
             raise OpadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
         self._kv_cache: OrderedDict[tuple[str | None, str], list] = OrderedDict()  # least recently used first
         concepts = dict(concepts or {})
         split = torch_conditioning and backend in ("onnxruntime", "tensorrt")
-        if backend in ("eager", "compiled"):
-            impl = _Eager if backend == "eager" else _Compiled
-            self._impl = impl(student, concepts, device, dtype)
+        if backend == "eager":
+            self._impl = _Eager(student, concepts, device, dtype)
+        elif backend == "compiled":
+            self._impl = _Compiled(student, concepts, device, dtype, backend=compile_backend)
         elif backend == "tensorrt":
             if not engines:
                 raise OpadError("the tensorrt backend needs the engines folder of export/build_trt.py (engines=DIR)")
-            self._impl = _TensorRT(engines, {} if split else concepts)
+            from opad.export.trt_runner import TensorRTBackend  # tensorrt itself is optional
+
+            self._impl = TensorRTBackend(engines, {} if split else concepts, pick_device(device))
         else:
             if not onnx:
                 raise OpadError("the onnxruntime backend needs export folders (onnx={name: folder})")
             self._impl = _OnnxRuntime(dict(onnx), {} if split else concepts, dtype)
         self._cond = self._impl
         if split:  # (a) in PyTorch beside the backend's (b), on the device the backend's inputs live on
-            cond_device = "cuda" if backend == "tensorrt" else "cpu"
+            cond_device = str(self._impl.device) if backend == "tensorrt" else "cpu"
             self._cond = _Eager(student, concepts, cond_device, "float32")
             self._cond.check_denoiser(self._impl)
 
@@ -126,6 +136,11 @@ class Runner:
         if isinstance(self._impl, _Compiled):
             return sorted({compiled_batch(n) for n in range(1, max_batch + 1)})
         return [1]
+
+    def warm_up_plan(self, max_batch: int) -> list[tuple[int, int]]:
+        """(steps, images) to run once before serving, in the order to run them: every step count at
+        every batch shape :meth:`warm_up_batches` names, the fewest steps (the default) first."""
+        return [(steps, size) for steps in sorted(self.steps) for size in self.warm_up_batches(max_batch)]
 
     def add_concept(self, name: str, folder: str) -> None:
         """Read (and check) a concept folder and serve it as ``name``, replacing one of that name."""
@@ -258,30 +273,56 @@ class _Eager:
 
 
 class _Compiled(_Eager):
-    """The eager split with the denoise+decode graph compiled once per step count (and batch size:
-    shapes are static, as CUDA graphs want)."""
+    """The eager split with the denoise+decode graph compiled per step count and batch size (shapes
+    are static, as CUDA graphs want).
 
-    def __init__(self, *args) -> None:
+    Every ``DenoiseDecodeGraph`` shares one ``forward`` code object, and dynamo counts compilations
+    per code object (8 by default, ``torch._dynamo.config.recompile_limit``): through one compiled
+    module the 9th of the 12 (steps x batch) variants would silently run eager. So each variant is
+    its own ``torch.compile`` region (``isolate_recompiles``) with its own limit, and ``fullgraph``
+    makes going past it (or a graph break) an error instead of a fall back. ``backend`` is
+    torch.compile's (inductor; the tests count compilations with their own)."""
+
+    def __init__(self, *args, backend: str | Callable = "inductor") -> None:
         super().__init__(*args)
+        self.backend = backend
+        self.variants: dict[tuple[int, int], Callable] = {}  # (steps, batch) -> its compiled graph
         self.cuda = self.bundle.device.type == "cuda"
         if self.cuda:  # cuDNN's fast convolution layout
             self.bundle.student_unet.to(memory_format=torch.channels_last)
             self.bundle.vae.to(memory_format=torch.channels_last)
 
+    def variant(self, steps: int, batch: int) -> Callable:
+        """The compiled denoise+decode graph of ``steps`` for batches of exactly ``batch``."""
+        key = (steps, batch)
+        if key not in self.variants:
+            options = {"mode": "max-autotune" if self.cuda else "default"} if self.backend == "inductor" else {}
+            self.variants[key] = torch.compile(super().graph(steps), backend=self.backend, dynamic=False,
+                                               fullgraph=True, isolate_recompiles=True,
+                                               recompile_limit=RECOMPILE_LIMIT, **options)
+        return self.variants[key]
+
     def graph(self, steps: int):
-        if steps not in self.graphs:
-            mode = "max-autotune" if self.cuda else "default"
-            self.graphs[steps] = torch.compile(DenoiseDecodeGraph(self.bundle, steps).eval(), mode=mode, dynamic=False)
-        return self.graphs[steps]
+        """The ``steps`` graph as one callable: each batch size runs its own compiled variant."""
+        def run(noise: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
+            from torch._dynamo.exc import FailOnRecompileLimitHit
+
+            try:
+                return self.variant(steps, noise.shape[0])(noise, *kv)
+            except FailOnRecompileLimitHit as e:
+                raise OpadError(f"the compiled {steps}-step graph for batch {noise.shape[0]} needed more than "
+                                f"{RECOMPILE_LIMIT} compilations (a guard keeps failing; TORCH_LOGS=recompiles "
+                                "says which); refusing to run it uncompiled") from e
+        return run
 
     def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """Batches padded to a power of two (the last image repeated, then dropped): a server's
         batches of 1..N images compile log2(N) + 1 shapes, not N."""
         n = len(seeds)
-        pad = compiled_batch(n) - n
-        if pad:
-            kv = [torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in kv]
-            seeds = seeds + [seeds[-1]] * pad
+        size = compiled_batch(n)
+        if size != n:
+            kv = [take_rows(t, 0, n, size) for t in kv]
+            seeds = seeds + [seeds[-1]] * (size - n)
         images, stages = super().denoise_decode(kv, seeds, steps)
         return images[:n], stages
 
@@ -289,11 +330,6 @@ class _Compiled(_Eager):
         start = time.perf_counter()  # one compiled graph: denoise and decode are not apart
         images = graph(noise, *kv)[0].cpu().numpy()
         return images, {"denoise_decode": time.perf_counter() - start}
-
-
-def compiled_batch(n: int) -> int:
-    """The batch size the compiled backend runs ``n`` images at: the next power of two."""
-    return 1 << (n - 1).bit_length()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -304,12 +340,6 @@ def _synchronize(device: torch.device) -> None:
 def _baked(record: dict) -> str:
     """The concept an export's denoise+decode graph holds (a lora/unet one), or "base"."""
     return record.get("denoiser_concept") or "base"
-
-
-def _rows(t: np.ndarray, start: int, n: int, pad: int) -> np.ndarray:
-    """Rows start..start+n of a batch, the last repeated ``pad`` more times."""
-    part = t[start:start + n]
-    return np.ascontiguousarray(np.concatenate([part, np.repeat(part[-1:], pad, axis=0)]) if pad else part)
 
 
 class _OnnxRuntime:
@@ -354,9 +384,7 @@ class _OnnxRuntime:
 
     def conditioning(self, concept: str | None, prompt: str) -> list[np.ndarray]:
         tokenizer, table, session = self.concepts[concept]
-        embeds = table[_token_ids(tokenizer, prompt)].astype(self.dtype)
-        if self.batch[0] > 1:
-            embeds = np.repeat(embeds, self.batch[0], axis=0)
+        embeds = take_rows(table[_token_ids(tokenizer, prompt)].astype(self.dtype), 0, 1, self.batch[0])
         return [k[:1] for k in session.run(None, {"token_embeds": embeds})]
 
     def denoise_decode(self, kv: list[np.ndarray], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -376,107 +404,10 @@ class _OnnxRuntime:
         torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
         noise = seeded_noise(tuple(self.first["shapes"]["noise"]), seeds, torch_dtype).numpy()
         kv = [(t.cpu().numpy() if isinstance(t, Tensor) else t).astype(self.dtype, copy=False) for t in kv]
-        lo, hi = self.batch
         images = []
-        for start in range(0, len(seeds), hi):  # chunks the graph's batch dimension takes
-            n = min(hi, len(seeds) - start)
-            pad = max(lo - n, 0)  # a static (or minimum) batch larger than what is left: pad, then drop
-            feeds = {"noise": _rows(noise, start, n, pad)}
-            feeds.update({name: _rows(t, start, n, pad) for name, t in zip(self.first["kv_names"], kv)})
+        for start, n, size in batch_chunks(len(seeds), *self.batch):  # calls the graph's batch dimension takes
+            feeds = {"noise": take_rows(noise, start, n, size)}
+            feeds.update({name: np.ascontiguousarray(take_rows(t, start, n, size))
+                          for name, t in zip(self.first["kv_names"], kv)})
             images.append(self.sessions[steps].run(["image"], feeds)[0][:n])
         return np.concatenate(images)
-
-
-class _TensorRT:
-    """TensorRT engines (TensorRT 10 API). Unverified: written against the API, never run."""
-    # imports of opad.export.trt_engine stay inside: tensorrt itself is optional
-
-    def __init__(self, engines: str, concepts: dict[str, str]) -> None:
-        import json
-
-        from opad.export.build_trt import ENGINES
-        from opad.export.trt_engine import tensorrt
-        from opad.export.trt_plan import REFIT_MAP, kv_parameter_names, refit_weights
-
-        trt = tensorrt()  # one sentence when TensorRT or the GPU is missing
-        folder = Path(engines)
-        if not (folder / ENGINES).is_file():
-            raise OpadError(f"{engines} is not an engines folder of export/build_trt.py: it has no {ENGINES}")
-        self.record = json.loads((folder / ENGINES).read_text())
-        if not self.record.get("built"):
-            raise OpadError(f"{engines} holds a --plan-only build: no engines to run")
-        self.denoiser_concept = _baked(self.record)
-        if self.denoiser_concept != "base":  # its base conditioning below would be the plain student's
-            raise OpadError(f"{engines} were built from an export with a {self.record.get('concept_format')} "
-                            "concept baked into its denoise graph; run that export with the onnxruntime backend")
-        entries = json.loads((folder / REFIT_MAP).read_text())
-        # tokenizers, token tables and each concept's refit weights come from the student itself
-        self.cpu = _Eager(self.record["student"], concepts, "cpu", "float32")
-        dtype = np.float16 if self.record["engine_precision"] == "fp16" else np.float32
-        names = kv_parameter_names(self.cpu.bundle.student_unet)
-        self.refits = {name: refit_weights(entries, {n: w.float().numpy() for n, w in zip(names, kv)}, dtype)
-                       for name, (_, _, kv) in self.cpu.concepts.items()}
-        self.concepts = self.cpu.concepts
-        self.trt = trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.conditioning_engine = runtime.deserialize_cuda_engine((folder / "conditioning.plan").read_bytes())
-        self.denoise_engines = {steps: runtime.deserialize_cuda_engine(
-            (folder / f"denoise_decode_{steps}step.plan").read_bytes()) for steps in self.record["steps"]}
-        self.resolution, self.steps = self.cpu.resolution, tuple(self.record["steps"])
-        self.student_hashes = {}  # the engines record their student by path (checked when built)
-        self.current: object = ()  # the concept the conditioning engine holds now
-        self.graphs: dict[tuple[int, int], tuple] = {}
-
-    def _refit(self, concept: str | None) -> None:
-        if self.current == concept:
-            return
-        refitter = self.trt.Refitter(self.conditioning_engine, self.trt.Logger(self.trt.Logger.WARNING))
-        for name, weight in self.refits[concept].items():  # every concept-owned weight, changed or not
-            if not refitter.set_named_weights(name, self.trt.Weights(weight)):
-                raise OpadError(f"TensorRT refuses to refit {name}")
-        if not refitter.refit_cuda_engine():
-            raise OpadError(f"TensorRT could not refit the conditioning engine for concept {concept!r}")
-        self.current = concept
-
-    def conditioning(self, concept: str | None, prompt: str) -> list[Tensor]:
-        from opad.export.trt_engine import execute
-
-        tokenizer, table, _ = self.cpu.concepts[concept]
-        self._refit(concept)
-        embeds = table[torch.from_numpy(_token_ids(tokenizer, prompt))]
-        outs = execute(self.trt, self.conditioning_engine, {"token_embeds": embeds})
-        return [outs[name] for name in self.record["kv_names"]]
-
-    def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
-        start = time.perf_counter()  # one engine (one CUDA graph) for both
-        images = self._denoise_decode(kv, seeds, steps)
-        return images, {"denoise_decode": time.perf_counter() - start}
-
-    def _denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> np.ndarray:
-        if steps not in self.denoise_engines:
-            raise OpadError(f"no {steps}-step engine (built: {self.record['steps']})")
-        n = len(seeds)
-        key = (steps, n)
-        if key not in self.graphs:  # static buffers and one CUDA graph per (steps, batch)
-            from opad.export.trt_engine import bind
-
-            engine = self.denoise_engines[steps]
-            feeds = {"noise": torch.zeros((n, *self.record["shapes"]["noise"]))}
-            feeds.update({name: t for name, t in zip(self.record["kv_names"], kv)})
-            context, buffers = bind(self.trt, engine, feeds)
-            stream = torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                context.execute_async_v3(stream.cuda_stream)  # warm-up outside the capture
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=stream):
-                    context.execute_async_v3(stream.cuda_stream)
-            self.graphs[key] = (graph, buffers, context)
-        graph, buffers, _ = self.graphs[key]
-        dtype = buffers["noise"].dtype  # the engine's input dtype (fp16 for an fp16 export)
-        buffers["noise"].copy_(seeded_noise(tuple(self.record["shapes"]["noise"]), seeds, dtype))  # host -> device
-        for name, t in zip(self.record["kv_names"], kv):
-            buffers[name].copy_(t)
-        graph.replay()
-        return buffers["image"].cpu().numpy()
-

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=64, help="most requests waiting; more get 503 with Retry-After")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request limit; later answers are 504")
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body accepted (413 beyond)")
+    p.add_argument("--warm-up-budget-s", type=float, default=300.0,
+                   help="ready after this long even if compiled variants are left (they compile in the background; "
+                   "/ready lists them)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -82,7 +85,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     for name, low in (("max_batch", 1), ("queue", 1), ("max_body_kb", 1)):
         if getattr(args, name) < low:
             raise OpadError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    for name in ("batch_window_ms", "timeout_s"):
+    for name in ("batch_window_ms", "timeout_s", "warm_up_budget_s"):
         value = getattr(args, name)
         if not (value >= 0 and value < float("inf")) or (name == "timeout_s" and value == 0):
             raise OpadError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}")
@@ -171,7 +174,8 @@ def serve(args: argparse.Namespace) -> None:
     sock = _listen(args.host, args.port)  # before the models load: a taken port fails at once
     backend = choose_backend(args)
     settings = Settings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, queue=args.queue,
-                        timeout_s=args.timeout_s, max_body_bytes=args.max_body_kb * 1024, api_key=key)
+                        timeout_s=args.timeout_s, max_body_bytes=args.max_body_kb * 1024, api_key=key,
+                        warm_up_budget_s=args.warm_up_budget_s)
     served = build_app(lambda: build_runner(args, backend), args.concepts, settings)
     runner = served.runner
     log.info("backend %s, %d px, steps %s; models: %s", backend, runner.resolution,

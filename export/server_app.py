@@ -1,7 +1,17 @@
 """The HTTP side of the server: an OpenAI-compatible images API over one :class:`Runner`.
 
 Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``/health`` (alive), ``/ready``
-(models loaded and warmed up), ``/metrics`` (Prometheus). With an API key every route but
+(models loaded and warmed up), ``/metrics`` (Prometheus).
+
+Warm-up runs every (steps, batch) variant the backend compiles once (:meth:`Runner.warm_up_plan`,
+the default step count first). Compiling all of them can take many minutes on a GPU
+(``max-autotune``), so it has a budget (``Settings.warm_up_budget_s``): once the first variant is
+warm and either all are or the budget is spent, the server is ready, and the variants left compile
+in the background, each started only while no request waits (the model has one thread: a request
+that arrives during a variant's compile waits for it; a request for a variant not compiled yet
+compiles it on first use). ``/ready`` lists the variants still to come, as ``compiling``:
+503 ``{"status": "warming up", "compiling": [...]}`` before, 200 ``{"status": "ready", ...,
+"compiling": [...]}`` after. With an API key every route but
 ``/health`` needs ``Authorization: Bearer KEY``. Errors come in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -28,7 +38,7 @@ from opad.export.server_request import ApiError, parse_generation, parse_json
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opad.errors import OpadError
+from opad.errors import OpadError, first_line
 
 log = logging.getLogger("opad.serve")
 ROUTES = ("/v1/images/generations", "/v1/models", "/health", "/ready", "/metrics")
@@ -43,6 +53,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     api_key: str | None = None
     retry_after_s: int = 1
+    warm_up_budget_s: float = 300.0  # ready after this even if variants are left to compile
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -90,7 +101,8 @@ def build_app(make_runner, concepts: str | None, settings: Settings) -> Served:
 def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread) -> FastAPI:
     """The app over a runner and its concept store, both built on ``model`` (and only used there)."""
     metrics = Metrics(settings.max_batch)
-    state = {"ready": False}
+    # compiling: the warm-up variants still to run; failed: those that raised; error: why warm-up stopped
+    state: dict = {"ready": False, "compiling": [], "failed": [], "error": None}
     size = f"{runner.resolution}x{runner.resolution}"
     batcher: Batcher | None = None
 
@@ -108,15 +120,41 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
 
     async def _warm_up() -> None:
         start = time.perf_counter()
-        try:  # each step count at each batch shape the backend compiles (torch.compile: on first use)
-            for steps in runner.steps:
-                for size in runner.warm_up_batches(settings.max_batch):
+        plan = runner.warm_up_plan(settings.max_batch)
+        state["compiling"] = [{"steps": steps, "batch": size} for steps, size in plan]
+        budget = {"spent": False, "first_done": False}
+
+        def ready(why: str) -> None:
+            if not state["ready"]:
+                state["ready"] = True
+                log.info("ready after %.2f s (%s)", time.perf_counter() - start, why)
+
+        def budget_spent() -> None:
+            budget["spent"] = True
+            if budget["first_done"]:
+                ready(f"warm-up budget of {settings.warm_up_budget_s:g} s spent; "
+                      f"{len(state['compiling'])} variant(s) left to compile in the background")
+
+        timer = asyncio.get_running_loop().call_later(settings.warm_up_budget_s, budget_spent)
+        try:
+            for steps, size in plan:
+                while state["ready"] and batcher.busy():  # in the background: the requests first
+                    await asyncio.sleep(0.05)
+                try:
                     await model.call(runner.run_batch, [(None, "warm-up", i) for i in range(size)], steps)
-        except Exception:
-            log.exception("warm-up failed: /ready stays 503")
-            return
-        state["ready"] = True
-        log.info("ready: warm-up took %.2f s", time.perf_counter() - start)
+                except Exception as e:
+                    log.exception("warm-up of %d step(s) x %d image(s) failed", steps, size)
+                    if not budget["first_done"]:  # not even the first variant runs: never ready
+                        state["error"] = first_line(e)
+                        return
+                    state["failed"].append({"steps": steps, "batch": size})
+                state["compiling"].pop(0)
+                budget["first_done"] = True
+                if budget["spent"]:
+                    budget_spent()
+            ready("warm-up done")
+        finally:
+            timer.cancel()
 
     app = FastAPI(title="opad", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -160,9 +198,14 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
 
     @app.get("/ready")
     async def ready():
+        compiling = list(state["compiling"])
+        if state["error"]:
+            return JSONResponse({"status": "warm-up failed", "error": state["error"]}, status_code=503)
         if not state["ready"]:
-            return JSONResponse({"status": "warming up"}, status_code=503)
-        return {"status": "ready", "backend": runner.backend, "models": len(store.served) + 1}
+            return JSONResponse({"status": "warming up", "compiling": compiling}, status_code=503)
+        failed = {"failed": list(state["failed"])} if state["failed"] else {}
+        return {"status": "ready", "backend": runner.backend, "models": len(store.served) + 1,
+                "compiling": compiling, **failed}
 
     @app.get("/metrics")
     async def prometheus():

@@ -65,7 +65,9 @@ def kv_parameter_names(unet) -> list[str]:
 
 
 def refit_map(onnx_path: str | Path, parameters: dict[str, np.ndarray]) -> list[dict]:
-    """For each named parameter: the one ONNX initializer equal to it, or to its transpose."""
+    """For each named parameter: the one ONNX initializer equal to it, or to its transpose, compared in
+    the initializer's dtype (an fp16 export holds the float32 parameters rounded to float16). Each
+    entry records that dtype: TensorRT refits a weight only with one of its original type."""
     import onnx
     from onnx import numpy_helper
 
@@ -76,27 +78,34 @@ def refit_map(onnx_path: str | Path, parameters: dict[str, np.ndarray]) -> list[
         by_shape.setdefault(array.shape, []).append((t.name, array))
     entries = []
     for name, weight in parameters.items():
-        found = [(n, "none") for n, a in by_shape.get(weight.shape, []) if np.array_equal(a, weight)]
-        found += [(n, "transpose") for n, a in by_shape.get(weight.T.shape, []) if np.array_equal(a, weight.T)]
+        found = [(n, "none", a.dtype) for n, a in by_shape.get(weight.shape, [])
+                 if np.array_equal(a, weight.astype(a.dtype))]
+        found += [(n, "transpose", a.dtype) for n, a in by_shape.get(weight.T.shape, [])
+                  if np.array_equal(a, weight.T.astype(a.dtype))]
         if len(found) != 1:
             raise OpadError(f"{onnx_path}: parameter {name} matches {len(found)} initializers (need exactly one); "
                             "the graph was not exported from these weights")
-        onnx_name, transform = found[0]
-        entries.append({"parameter": name, "onnx": onnx_name, "transform": transform, "shape": list(weight.shape)})
+        onnx_name, transform, dtype = found[0]
+        entries.append({"parameter": name, "onnx": onnx_name, "transform": transform, "shape": list(weight.shape),
+                        "dtype": np.dtype(dtype).name})
     return entries
 
 
-def refit_weights(entries: list[dict], parameters: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
-    """The engine weights of one concept: every mapped parameter, in the engine's layout and dtype."""
+def refit_weights(entries: list[dict], parameters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The engine weights of one concept: every mapped parameter, in the engine's layout and in its
+    original weight's dtype (the ONNX initializer's, whatever precision the engine computes in)."""
     missing = [e["parameter"] for e in entries if e["parameter"] not in parameters]
     if missing:
         raise OpadError(f"the concept lacks {len(missing)} refittable weight(s), e.g. {missing[0]}")
+    if any("dtype" not in e for e in entries):
+        raise OpadError(f"this {REFIT_MAP} records no weight dtypes (an older build); rebuild the engines with "
+                        "export/build_trt.py")
     out = {}
     for e in entries:
         w = parameters[e["parameter"]]
         if list(w.shape) != e["shape"]:
             raise OpadError(f"{e['parameter']} has shape {tuple(w.shape)} but the engine's is {tuple(e['shape'])}")
-        out[e["onnx"]] = np.ascontiguousarray((w.T if e["transform"] == "transpose" else w).astype(dtype))
+        out[e["onnx"]] = np.ascontiguousarray((w.T if e["transform"] == "transpose" else w).astype(e["dtype"]))
     return out
 
 
@@ -112,3 +121,25 @@ def refit_onnx(model, weights: dict[str, np.ndarray]):
     if names:
         raise OpadError(f"the model has no initializer(s) {sorted(names)[:3]}")
     return model
+
+
+def engine_precision(export_precision: str, fp16_flag: bool) -> dict:
+    """How the engines of an ``export_precision`` export are built, and what they compute in.
+
+    - fp16 export: a strongly typed network. TensorRT then computes every tensor in the type the ONNX
+      graph gives it -- fp16, and the few fp32 ops the export keeps (the image's float conversion) --
+      exactly what ONNX Runtime checked against PyTorch. Weakly typed, TensorRT would treat the
+      graph's fp16 as a hint and may run layers in fp32 (slower); with the FP16 flag it could also
+      move the fp32 ops to fp16. (The FP16 flag is not allowed on a strongly typed network.)
+    - fp32 export: weakly typed, TF32 cleared: exact fp32, as the 1e-3 parity check against ONNX
+      Runtime's exact fp32 needs. With ``--fp16``: the FP16 flag, TensorRT choosing fp16 or fp32
+      (TF32 allowed) per layer, checked at the fp16 tolerance.
+    """
+    if export_precision == "fp16":
+        if fp16_flag:
+            raise OpadError("--fp16 builds from an fp32 export; an fp16 export is built as fp16 without it")
+        return {"computes": "fp16", "strongly_typed": True, "fp16_flag": False, "tf32": False, "tolerance": "fp16"}
+    if fp16_flag:
+        return {"computes": "fp16 and fp32 (TensorRT's choice per layer)", "strongly_typed": False, "fp16_flag": True,
+                "tf32": True, "tolerance": "fp16"}
+    return {"computes": "fp32", "strongly_typed": False, "fp16_flag": False, "tf32": False, "tolerance": "fp32"}

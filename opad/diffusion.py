@@ -123,9 +123,12 @@ def ddim_sample(
     return z
 
 
-def unet_prediction(unet: torch.nn.Module, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-    """One UNet call: inputs cast to the UNet's dtype, the prediction returned in fp32."""
-    dtype = getattr(unet, "dtype", z_t.dtype)  # diffusers models know their weights' dtype
+def unet_prediction(unet: torch.nn.Module, z_t: Tensor, t: Tensor, cond: Tensor,
+                    dtype: torch.dtype | None = None) -> Tensor:
+    """One UNet call: inputs cast to the UNet's dtype (``dtype`` when the caller knows it: reading a
+    diffusers model's ``dtype`` walks all its modules, which torch.compile traces every time), the
+    prediction returned in fp32."""
+    dtype = dtype or getattr(unet, "dtype", z_t.dtype)  # diffusers models know their weights' dtype
     return unet(z_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
 
 

@@ -46,3 +46,28 @@ def generate(student, concept, seed, steps, prompt=PROMPT):
         load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
     image = sample_student(bundle, [prompt], steps=steps, generator=torch.Generator().manual_seed(seed))
     return image, np.asarray(to_pil(image)[0])
+
+
+def micro_student(tiny_dir, out_dir) -> Path:
+    """The tiny student with a still smaller UNet and VAE (one block each; the same diffusers classes):
+    for tests that trace the denoise+decode graph many times with dynamo, whose cost is per module."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out_dir = Path(out_dir)
+    shutil.copytree(Path(tiny_dir) / "student", out_dir)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                block_out_channels=(8,), layers_per_block=1,
+                                attention_head_dim=2, mid_block_type=None, cross_attention_dim=16, norm_num_groups=4,
+                                use_linear_projection=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8, scaling_factor=0.18215,
+                        mid_block_add_attention=False)
+    for name, model in (("unet", unet), ("vae", vae)):
+        shutil.rmtree(out_dir / name)
+        model.save_pretrained(out_dir / name)
+    return out_dir

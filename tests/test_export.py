@@ -276,3 +276,17 @@ def test_build_trt_plan_only_writes_the_refit_map_and_sidecar(world, tmp_path):
     assert build_trt.main(["--onnx", str(world["onnx_a"]), "--out", str(tmp_path / "x"), "--plan-only",
                            "--batch-range", "1:8"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_denoise_graph_keeps_its_schedule_on_the_unets_device(tiny_dir):
+    """alphas_cumprod lives where the UNet does (here the meta device): left on the CPU it would be a
+    host->device copy per step, inside the CUDA graph on a GPU."""
+    from opad.export.graphs import DenoiseDecodeGraph
+    from opad.models.loading import load_models
+
+    bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)
+    schedule = bundle.student_scheduler.alphas_cumprod
+    bundle.student_unet.to("meta")
+    graph = DenoiseDecodeGraph(bundle, 2)
+    assert graph.alphas_cumprod.device == torch.device("meta")
+    assert graph.alphas_cumprod.shape == schedule.shape and graph.alphas_cumprod.dtype == schedule.dtype

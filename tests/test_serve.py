@@ -395,3 +395,51 @@ def test_backend_auto_says_why(tmp_path, caplog):
     assert "backend auto: onnxruntime" in messages
     if not gpu:
         assert serve.choose_backend(parse([])) == "eager"
+
+
+def test_ready_says_what_is_left_to_warm_up_and_the_budget_bounds_the_wait(world):
+    """/ready lists the warm-up variants left; once the first is warm and the budget is spent the
+    server is ready while the rest runs in the background. (Each warm-up call waits for the test's
+    go, to hold the server in each state.)"""
+    go = {steps: threading.Event() for steps in (1, 2, 4)}
+
+    def make_runner():
+        runner = Runner("eager", student=str(world["student"]), torch_conditioning=True)
+        run_batch = runner.run_batch
+
+        def gated(items, steps):
+            if items[0][1] == "warm-up":
+                go[steps].wait(60)
+            return run_batch(items, steps)
+        runner.run_batch = gated
+        return runner
+
+    server = serve.ThreadedServer(build_app(make_runner, None, Settings(warm_up_budget_s=0.3)).app)
+    client = LiveServer.__new__(LiveServer)
+    client.port = server.port
+
+    def ready_when(check) -> tuple[int, dict]:
+        deadline = time.time() + 60
+        while not check(*(answer := client.request("GET", "/ready", key=None))[:3:2]):
+            assert time.time() < deadline, answer
+            time.sleep(0.05)
+        return answer[0], answer[2]
+
+    variants = [{"steps": steps, "batch": 1} for steps in (1, 2, 4)]
+    try:
+        status, body = ready_when(lambda status, body: status != 0)
+        assert (status, body) == (503, {"status": "warming up", "compiling": variants})
+        time.sleep(0.5)  # the budget is spent, but no variant is warm yet
+        assert client.request("GET", "/ready", key=None)[0] == 503
+        go[1].set()
+        status, body = ready_when(lambda status, body: status == 200)
+        assert body["status"] == "ready" and body["compiling"] == variants[1:]  # 2 steps: running now
+        go[2].set()
+        go[4].set()
+        status, body = ready_when(lambda status, body: status == 200 and not body["compiling"])
+        assert "failed" not in body
+        assert client.request("POST", ERROR, {**OK, "model": "base", "steps": 4}, key=None)[0] == 200
+    finally:
+        for event in go.values():
+            event.set()
+        server.stop()
