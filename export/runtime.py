@@ -28,7 +28,9 @@ concepts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -54,6 +56,9 @@ KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
 # compilations allowed per compiled (steps, batch) variant: its one, and one spare for a guard that
 # changes after a first call; past it torch.compile raises (fullgraph) instead of running eager
 RECOMPILE_LIMIT = 2
+# torch.compile's own region per call site came with torch 2.14 (isolate_recompiles); before it (the
+# GPU image's torch 2.11) every variant shares the code object's limit, which _shared_recompile_limit lifts
+ISOLATED_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype) -> Tensor:
@@ -280,7 +285,9 @@ class _Compiled(_Eager):
     per code object (8 by default, ``torch._dynamo.config.recompile_limit``): through one compiled
     module the 9th of the 12 (steps x batch) variants would silently run eager. So each variant is
     its own ``torch.compile`` region (``isolate_recompiles``) with its own limit, and ``fullgraph``
-    makes going past it (or a graph break) an error instead of a fall back. ``backend`` is
+    makes going past it (or a graph break) an error instead of a fall back (before torch 2.14, which
+    has no such regions, the shared limit is lifted to cover every variant while one runs; see
+    :func:`_shared_recompile_limit`). ``backend`` is
     torch.compile's (inductor; the tests count compilations with their own)."""
 
     def __init__(self, *args, backend: str | Callable = "inductor") -> None:
@@ -297,9 +304,10 @@ class _Compiled(_Eager):
         key = (steps, batch)
         if key not in self.variants:
             options = {"mode": "max-autotune" if self.cuda else "default"} if self.backend == "inductor" else {}
+            if ISOLATED_RECOMPILES:
+                options.update(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
             self.variants[key] = torch.compile(super().graph(steps), backend=self.backend, dynamic=False,
-                                               fullgraph=True, isolate_recompiles=True,
-                                               recompile_limit=RECOMPILE_LIMIT, **options)
+                                               fullgraph=True, **options)
         return self.variants[key]
 
     def graph(self, steps: int):
@@ -307,8 +315,10 @@ class _Compiled(_Eager):
         def run(noise: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
             from torch._dynamo.exc import FailOnRecompileLimitHit
 
+            compiled = self.variant(steps, noise.shape[0])
             try:
-                return self.variant(steps, noise.shape[0])(noise, *kv)
+                with _shared_recompile_limit(len(self.variants)):
+                    return compiled(noise, *kv)
             except FailOnRecompileLimitHit as e:
                 raise OpadError(f"the compiled {steps}-step graph for batch {noise.shape[0]} needed more than "
                                 f"{RECOMPILE_LIMIT} compilations (a guard keeps failing; TORCH_LOGS=recompiles "
@@ -330,6 +340,20 @@ class _Compiled(_Eager):
         start = time.perf_counter()  # one compiled graph: denoise and decode are not apart
         images = graph(noise, *kv)[0].cpu().numpy()
         return images, {"denoise_decode": time.perf_counter() - start}
+
+
+def _shared_recompile_limit(variants: int):
+    """Without isolated regions (torch < 2.14): while a compiled variant runs, dynamo's per-code-object
+    limit covers every variant made so far (RECOMPILE_LIMIT each), and passing it raises instead of
+    falling back to eager. A no-op where each variant has its own region."""
+    if ISOLATED_RECOMPILES:
+        return contextlib.nullcontext()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    patch = {name: max(getattr(config, name), RECOMPILE_LIMIT * variants)}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        patch["fail_on_recompile_limit_hit"] = True
+    return config.patch(**patch)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -56,6 +56,22 @@ def test_every_variant_compiles_once_and_none_runs_eager(micro):
     assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
+def test_without_isolated_regions_the_shared_limit_covers_every_variant(micro, monkeypatch):
+    """torch before 2.14 (the GPU image's 2.11) has no isolate_recompiles: all variants then share
+    the code object's limit of 8, and the runner lifts it while they run, so 9 variants still each
+    compile once and none falls back to eager; the global setting is left as it was."""
+    monkeypatch.setattr(runtime, "ISOLATED_RECOMPILES", False)
+    torch._dynamo.reset()  # no compiled entries of other tests on the shared code object
+    backend = Counting()
+    runner = Runner("compiled", student=str(micro), compile_backend=backend)
+    plan = [(steps, batch) for steps in (1, 2, 4) for batch in (1, 2, 4)]
+    for steps, batch in plan:
+        runner.run_batch(_images(batch), steps)
+    for steps, batch in plan:
+        runner.run_batch(_images(batch), steps)
+    assert backend.graphs == 9 and torch._dynamo.config.recompile_limit == 8
+
+
 def test_a_variant_past_its_recompile_limit_is_an_error(micro, monkeypatch):
     """Were a variant's guards to keep failing (here: every batch size sent through the batch-1
     variant's region), the compilation past RECOMPILE_LIMIT is one clear error, not a silent eager run."""
