@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--onnx-dir", default=None, help="reuse this export_onnx.py folder (of --batch, at the student's "
                    "size) instead of exporting")
+    p.add_argument("--compile-mode", default=None, help="inductor's mode for the compiled provider (default: the "
+                   "runner's: max-autotune on a GPU, default on the CPU; reduce-overhead compiles much faster)")
     p.add_argument("--no-write", action="store_true", help="print the table only (no results.csv rows)")
     p.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # one provider, its row to this file
     return p
@@ -118,7 +120,7 @@ def run_provider(args, provider: str, student: str) -> dict:
                 raise SystemExit("the TensorRT build failed (see above)")
             runner = Runner("tensorrt", engines=f"{engines}/trt")
         else:
-            runner = Runner(provider, student=student, device=str(device), dtype=dtype)
+            runner = Runner(provider, student=student, device=str(device), dtype=dtype, compile_mode=args.compile_mode)
         if runner.resolution != args.resolution:
             raise SystemExit(f"the {provider} runner makes {runner.resolution}-px images (the student's native "
                              f"size), not {args.resolution}")
@@ -133,7 +135,8 @@ def run_provider(args, provider: str, student: str) -> dict:
     if images.shape[0] != n:
         raise SystemExit(f"{provider} made {images.shape[0]} images, not {n}")
     timing = measure(call, device, warmup=max(args.warmup - 1, 0), repeats=args.repeats)
-    return {"name": NAME, "provider": provider, "shape": f"b{n}x{args.resolution}", **timing,
+    mode = f",{args.compile_mode}" if provider == "compiled" and args.compile_mode else ""
+    return {"name": NAME, "provider": provider, "shape": f"b{n}x{args.resolution}{mode}", **timing,
             "images_per_s": n / (timing["median_ms"] / 1000), "notes": notes}
 
 

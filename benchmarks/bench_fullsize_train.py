@@ -126,7 +126,7 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="a folder of python -m opad.fullsize (all three parts)")
     p.add_argument("--write-models", action="store_true", help="without --models: write opad.fullsize to a "
@@ -137,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="mixed precision: auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="checkpoint the UNets' blocks (default on)")
+                   help="checkpoint the UNets' blocks, the VAE decoder and the backbones (default on)")
     p.add_argument("--dino-v2-size", default="large", help="as the trainer's flag (the paper's: large)")
     p.add_argument("--clip-arch", default="ViT-H-14", help="as the trainer's flag (the paper's: ViT-H-14)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 1 on a GPU, "
                    "0 on the CPU)")
     p.add_argument("--no-write", action="store_true", help="print only (no results.csv rows)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from opad.runtime import pick_device
 

@@ -95,7 +95,8 @@ class Runner:
     def __init__(self, backend: str = "eager", *, student: str | None = None,
                  concepts: Mapping[str, str] | None = None, onnx: Mapping[str | None, str] | None = None,
                  engines: str | None = None, device: str = "auto", dtype: str = "auto",
-                 torch_conditioning: bool = False, compile_backend: str | Callable = "inductor") -> None:
+                 torch_conditioning: bool = False, compile_backend: str | Callable = "inductor",
+                 compile_mode: str | None = None) -> None:
         if backend not in BACKENDS:
             raise OpadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -105,7 +106,7 @@ class Runner:
         if backend == "eager":
             self._impl = _Eager(student, concepts, device, dtype)
         elif backend == "compiled":
-            self._impl = _Compiled(student, concepts, device, dtype, backend=compile_backend)
+            self._impl = _Compiled(student, concepts, device, dtype, backend=compile_backend, mode=compile_mode)
         elif backend == "tensorrt":
             if not engines:
                 raise OpadError("the tensorrt backend needs the engines folder of export/build_trt.py (engines=DIR)")
@@ -290,9 +291,10 @@ class _Compiled(_Eager):
     :func:`_shared_recompile_limit`). ``backend`` is
     torch.compile's (inductor; the tests count compilations with their own)."""
 
-    def __init__(self, *args, backend: str | Callable = "inductor") -> None:
+    def __init__(self, *args, backend: str | Callable = "inductor", mode: str | None = None) -> None:
         super().__init__(*args)
         self.backend = backend
+        self.mode = mode  # inductor's mode; None: max-autotune (CUDA graphs, autotuned kernels) on a GPU
         self.variants: dict[tuple[int, int], Callable] = {}  # (steps, batch) -> its compiled graph
         self.cuda = self.bundle.device.type == "cuda"
         if self.cuda:  # cuDNN's fast convolution layout
@@ -303,7 +305,8 @@ class _Compiled(_Eager):
         """The compiled denoise+decode graph of ``steps`` for batches of exactly ``batch``."""
         key = (steps, batch)
         if key not in self.variants:
-            options = {"mode": "max-autotune" if self.cuda else "default"} if self.backend == "inductor" else {}
+            mode = self.mode or ("max-autotune" if self.cuda else "default")
+            options = {"mode": mode} if self.backend == "inductor" else {}
             if ISOLATED_RECOMPILES:
                 options.update(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
             self.variants[key] = torch.compile(super().graph(steps), backend=self.backend, dynamic=False,

@@ -44,7 +44,7 @@ def test_bad_arguments_are_one_line(argv, message):
 
 
 def test_dry_run_prints_each_stage_and_writes_nothing(tmp_path):
-    run = run_suite("--dry-run", "--skip", "train", "--out", str(tmp_path / "out"))
+    run = run_suite("--dry-run", "--skip", "inference", "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     assert [line.split()[0] for line in run.stdout.splitlines()[:-1]] == list(gpu_suite.STAGES[:-1])
     assert not (tmp_path / "out").exists()
@@ -95,6 +95,18 @@ def test_install_refuses_an_unprepared_wheel_folder_before_any_work(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_the_full_size_stages_arguments_are_the_benchmarks_own():
+    """The stages that only a GPU runs pass options their scripts accept (checked by the scripts' parsers)."""
+    import bench_fullsize_inference
+    import bench_fullsize_train
+
+    train = bench_fullsize_train.build_parser().parse_args(["--models", "M", *gpu_suite.TRAIN_ARGS])
+    assert (train.resolution, train.batch_size, train.dtype, train.gradient_checkpointing) == (512, 2, "bf16", False)
+    infer = bench_fullsize_inference.build_parser().parse_args(["--models", "M", *gpu_suite.INFERENCE_ARGS])
+    assert infer.compile_mode == "reduce-overhead" and "compiled" in infer.providers.split(",")
+    assert set(infer.providers.split(",")) <= set(bench_fullsize_inference.PROVIDERS)
+
+
 def _row(name, provider, median, peak=100.0, images=None, shape="s", device="NVIDIA H100 80GB HBM3"):
     return {"name": name, "provider": provider, "shape": shape, "median_ms": str(median), "peak_mem_mb": str(peak),
             "images_per_s": "" if images is None else str(images), "device": device}
@@ -104,7 +116,8 @@ def test_targets_are_judged_from_the_rows_as_the_benchmarks_write_them():
     rows = [_row("ms_swd_fwd_bwd", "reference", 96.0, peak=3000), _row("ms_swd_fwd_bwd", "triton", 30.0, peak=1800),
             _row("kv_proj_fwd_bwd", "reference", 1.2), _row("kv_proj_fwd_bwd", "triton", 1.0),
             _row("fullsize/infer_1step", "compiled", 13.5, shape="b1x512"),
-            _row("fullsize/infer_1step", "compiled", 60.0, images=133.0, shape="b8x512")]
+            _row("fullsize/infer_1step", "compiled", 60.0, images=133.0, shape="b8x512"),
+            _row("fullsize/train/iteration", "torch", 412.0, peak=30 * 1024, shape="b2x512,paper,no,bf16")]
     got = {t["target"]: (t["figure"], t["verdict"]) for t in gpu_suite.evaluate_targets(rows)}
     assert got["MS-SWD fwd+bwd speed vs torch"] == (3.2, "met")
     assert got["MS-SWD fwd+bwd memory vs torch"] == (0.6, "missed")  # 1800 / 3000 MB > 1/2
@@ -112,6 +125,8 @@ def test_targets_are_judged_from_the_rows_as_the_benchmarks_write_them():
     assert got["feature pass fwd+bwd speed vs torch"] == (None, "unmeasured")
     assert got["1-step 512x512 b1 latency (compiled)"] == (13.5, "met")
     assert got["1-step 512x512 b8 throughput (compiled)"] == (133.0, "missed")
+    assert got["full-size training iteration (512x512, batch 2, bf16)"] == (412.0, "missed")
+    assert got["its peak GPU memory"] == (30.0, "met")
     cpu = [_row("kv_proj_fwd_bwd", p, m, device="cpu (x86_64, 2 threads)") for p, m in (("reference", 9), ("triton", 1))]
     judged = {t["target"]: t for t in gpu_suite.evaluate_targets(cpu)}["K/V projections fwd+bwd speed vs torch"]
     assert (judged["figure"], judged["verdict"], judged["why"]) == (9.0, "not judged", "a CPU figure")
