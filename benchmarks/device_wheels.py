@@ -83,9 +83,12 @@ def _applies(req: Requirement, extras: Iterable[str], environment: dict[str, str
 
 
 def requirements(root: str = "opad", extras: Iterable[str] = ("test",),
-                 environment: dict[str, str] | None = None) -> dict[str, Requirement]:
+                 environment: dict[str, str] | None = None, strict: bool = True) -> dict[str, Requirement]:
     """Every requirement ``root[extras]`` needs on the target, followed through the installed
-    distributions' own requirements; by normalized name (the first requirement met for it)."""
+    distributions' own requirements; by normalized name (the first requirement met for it).
+
+    ``strict``: a required distribution that is not installed is an error (preparing wheels needs its
+    version); otherwise it stays in the result, unfollowed, for :func:`unmet` to name."""
     environment = environment or TARGET_MARKERS
     found: dict[str, Requirement] = {}
     todo: list[tuple[str, tuple[str, ...]]] = [(root, tuple(extras))]
@@ -98,6 +101,8 @@ def requirements(root: str = "opad", extras: Iterable[str] = ("test",),
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
+            if not strict:
+                continue
             raise WheelError(f"{name} is not installed here, so its wheel version is unknown; install "
                              "opad's test extra first (pip install --no-build-isolation -e '.[test]')") from None
         for line in dist.requires or []:

@@ -57,14 +57,18 @@ KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
 # changes after a first call; past it torch.compile raises (fullgraph) instead of running eager
 RECOMPILE_LIMIT = 2
 # torch.compile's own region per call site came with torch 2.14 (isolate_recompiles); before it (the
-# GPU image's torch 2.11) every variant shares the code object's limit, which _shared_recompile_limit lifts
+# GPU image's torch 2.11) every variant shares the code object's limit, which _recompile_limit lifts
 ISOLATED_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+# variants compiled in this process: without isolated regions they all share DenoiseDecodeGraph.forward's
+# cache, whichever runner made them
+_variants_made = 0
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype) -> Tensor:
-    """One latent per seed, drawn as ``opad.sampling.initial_noise`` draws it (CPU generator)."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s), dtype=dtype)
-                      for s in seeds])
+    """One latent per seed, drawn as ``opad.sampling.initial_noise`` draws it (CPU generator, float32,
+    then cast)."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+                      for s in seeds]).to(dtype)
 
 
 def _token_ids(tokenizer, prompt: str) -> np.ndarray:
@@ -288,7 +292,7 @@ class _Compiled(_Eager):
     its own ``torch.compile`` region (``isolate_recompiles``) with its own limit, and ``fullgraph``
     makes going past it (or a graph break) an error instead of a fall back (before torch 2.14, which
     has no such regions, the shared limit is lifted to cover every variant while one runs; see
-    :func:`_shared_recompile_limit`). ``backend`` is
+    :func:`_recompile_limit`). ``backend`` is
     torch.compile's (inductor; the tests count compilations with their own)."""
 
     def __init__(self, *args, backend: str | Callable = "inductor", mode: str | None = None) -> None:
@@ -311,6 +315,8 @@ class _Compiled(_Eager):
                 options.update(isolate_recompiles=True, recompile_limit=RECOMPILE_LIMIT)
             self.variants[key] = torch.compile(super().graph(steps), backend=self.backend, dynamic=False,
                                                fullgraph=True, **options)
+            global _variants_made
+            _variants_made += 1
         return self.variants[key]
 
     def graph(self, steps: int):
@@ -319,13 +325,15 @@ class _Compiled(_Eager):
             from torch._dynamo.exc import FailOnRecompileLimitHit
 
             compiled = self.variant(steps, noise.shape[0])
+            limit, context = _recompile_limit()
             try:
-                with _shared_recompile_limit(len(self.variants)):
+                with context:
                     return compiled(noise, *kv)
             except FailOnRecompileLimitHit as e:
+                allowed = f"{limit}" if ISOLATED_RECOMPILES else f"the {limit} all variants share"
                 raise OpadError(f"the compiled {steps}-step graph for batch {noise.shape[0]} needed more than "
-                                f"{RECOMPILE_LIMIT} compilations (a guard keeps failing; TORCH_LOGS=recompiles "
-                                "says which); refusing to run it uncompiled") from e
+                                f"{allowed} compilations (a guard keeps failing; TORCH_LOGS=recompiles says which); "
+                                "refusing to run it uncompiled") from e
         return run
 
     def denoise_decode(self, kv: list[Tensor], seeds: list[int], steps: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -345,18 +353,22 @@ class _Compiled(_Eager):
         return images, {"denoise_decode": time.perf_counter() - start}
 
 
-def _shared_recompile_limit(variants: int):
-    """Without isolated regions (torch < 2.14): while a compiled variant runs, dynamo's per-code-object
-    limit covers every variant made so far (RECOMPILE_LIMIT each), and passing it raises instead of
-    falling back to eager. A no-op where each variant has its own region."""
+def _recompile_limit() -> tuple[int, contextlib.AbstractContextManager]:
+    """The compilations a variant may use, and the context its call runs in.
+
+    With isolated regions each variant has RECOMPILE_LIMIT of its own. Without (torch < 2.14) they
+    share the code object's limit: while a variant runs it is RECOMPILE_LIMIT for each variant made
+    in this process (never below the global setting), and passing it raises instead of falling back
+    to eager."""
     if ISOLATED_RECOMPILES:
-        return contextlib.nullcontext()
+        return RECOMPILE_LIMIT, contextlib.nullcontext()
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    patch = {name: max(getattr(config, name), RECOMPILE_LIMIT * variants)}
+    limit = max(getattr(config, name), RECOMPILE_LIMIT * _variants_made)
+    patch = {name: limit}
     if hasattr(config, "fail_on_recompile_limit_hit"):
         patch["fail_on_recompile_limit_hit"] = True
-    return config.patch(**patch)
+    return limit, config.patch(**patch)
 
 
 def _synchronize(device: torch.device) -> None:

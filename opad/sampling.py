@@ -40,13 +40,16 @@ def decode_latents(bundle: ModelBundle, z0: Tensor, *, clamp: bool = True) -> Te
 def initial_noise(
     bundle: ModelBundle, batch: int, resolution: int, generator: torch.Generator | None
 ) -> Tensor:
-    """Starting latents drawn like diffusers' ``randn_tensor`` (on the generator's device)."""
+    """Starting latents drawn like diffusers' ``randn_tensor`` (on the generator's device), in float32
+    and then cast: torch 2.11 (the GPU image's) draws another stream for a half dtype than for float32
+    (2.14 does not), so a seed would give other images in fp16/bf16 than in fp32 there."""
     f = bundle.vae_scale_factor
     if resolution % f:
         raise ValueError(f"resolution must be a multiple of {f}, got {resolution}")
     shape = (batch, bundle.student_unet.config.in_channels, resolution // f, resolution // f)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=bundle.dtype).to(bundle.device)
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return noise.to(bundle.device, bundle.dtype)
 
 
 def student_denoise(bundle: ModelBundle, cond: Tensor, noise: Tensor, steps: int = 1) -> Tensor:

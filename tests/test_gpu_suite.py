@@ -107,6 +107,19 @@ def test_the_full_size_stages_arguments_are_the_benchmarks_own():
     assert set(infer.providers.split(",")) <= set(bench_fullsize_inference.PROVIDERS)
 
 
+def test_the_install_venv_sees_this_interpreters_packages(tmp_path):
+    """The GPU image's python is itself a virtualenv: a venv made from it with --system-site-packages
+    would see the base interpreter's packages, not torch; the suite's venv adds this one's site dirs."""
+    args = gpu_suite.parse_args(["--allow-cpu", "--out", str(tmp_path / "out")])
+    suite = gpu_suite.Suite(args, tmp_path / "out", deadline=float("inf"))
+    python = gpu_suite._venv_over_this_python(suite, tmp_path / "venv")
+    probe = "import sys, torch, diffusers; print(sys.prefix); print(torch.__version__)"
+    run = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    prefix, version = run.stdout.split()
+    assert Path(prefix) == tmp_path / "venv" and version == torch.__version__
+
+
 def _row(name, provider, median, peak=100.0, images=None, shape="s", device="NVIDIA H100 80GB HBM3"):
     return {"name": name, "provider": provider, "shape": shape, "median_ms": str(median), "peak_mem_mb": str(peak),
             "images_per_s": "" if images is None else str(images), "device": device}
@@ -145,6 +158,9 @@ def test_unmet_names_missing_and_too_old_distributions():
     problems = device_wheels.unmet({"numpy": Requirement("numpy<1"), "no-such-dist": Requirement("no-such-dist")})
     assert problems == ["no-such-dist is missing", f"numpy {metadata.version('numpy')} does not satisfy <1"]
     assert device_wheels.unmet(device_wheels.requirements()) == []  # this environment has them all
+    with pytest.raises(device_wheels.WheelError, match="no-such-dist is not installed here"):
+        device_wheels.requirements("no-such-dist", extras=())
+    assert device_wheels.requirements("no-such-dist", extras=(), strict=False) == {}
 
 
 def test_prepared_wheels_install_offline(tmp_path):

@@ -501,7 +501,7 @@ def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch
     for name, kernel in aot.kernels().items():
         def run(*args, _run=kernel.run, _name=name, **kwargs):
             launches.append((_name, current[-1] if current else None))
-            warps.append((_name, kwargs.get("BLOCK"), kwargs.get("num_warps")))
+            warps.append((_name, kwargs.get("BLOCK"), str(kwargs.get("DTYPE")), kwargs.get("num_warps")))
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)
@@ -513,9 +513,13 @@ def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch
     torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
     assert {name for name, _ in launches} == set(aot.kernels())  # every kernel launched ...
     assert {device for _, device in launches} == {x.device}  # ... each on its tensors' device
-    compiled = {(v.kernel, v.constexprs.get("BLOCK")): v.num_warps for v in aot.variants()}
-    for name, block, num_warps in warps:  # with the block size and warp count the AOT compile checked
-        assert num_warps == compiled[name, block], (name, block, num_warps)
+    def context(dtype):  # the K/V kernels' DTYPE constant as launched (Triton's dtype), else None
+        return str(_kv_proj_triton._TL[dtype]) if dtype is not None else "None"
+
+    compiled = {(v.kernel, v.constexprs.get("BLOCK"), context(v.constexprs.get("DTYPE"))): v.num_warps
+                for v in aot.variants()}
+    for name, block, dtype, num_warps in warps:  # with the block size and warp count the AOT compile checked
+        assert num_warps == compiled[name, block, dtype], (name, block, dtype, num_warps)
 
 
 @pytest.mark.gpu

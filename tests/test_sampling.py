@@ -54,3 +54,18 @@ def test_teacher_matches_diffusers_with_guidance(bundle, tiny_dir):
     ref = pipe(prompt, num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(2), output_type="np").images
     ours = _ours(sample_teacher(bundle, [prompt], steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(2)))
     assert np.abs(ref - ours).max() <= 1e-4
+
+
+def test_a_seed_draws_the_same_noise_in_every_dtype(bundle, tiny_dir):
+    """The noise is drawn in float32 and cast: torch 2.11 (the GPU image's) draws another stream for
+    bfloat16 than for float32, so a seed's bf16 image would not be its fp32 image there."""
+    from opad.export.runtime import seeded_noise
+    from opad.models.loading import load_models
+    from opad.sampling import initial_noise
+
+    half = load_models(student=str(tiny_dir / "student"), dtype=torch.bfloat16, load_teacher=False)
+    want = initial_noise(bundle, 2, 64, torch.Generator().manual_seed(7))
+    got = initial_noise(half, 2, 64, torch.Generator().manual_seed(7))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    shape = tuple(want.shape[1:])
+    assert torch.equal(seeded_noise(shape, [7], torch.float16), seeded_noise(shape, [7], torch.float32).half())

@@ -26,7 +26,15 @@ from opad.kernels.launch import on_device
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
-NUM_WARPS = 4  # Triton's default, stated so the AOT compile (opad.kernels.aot) and the launches agree
+
+
+def num_warps(dtype: torch.dtype) -> int:
+    """Warps of every K/V launch for a context of ``dtype`` (the AOT compile, opad.kernels.aot, asks too).
+
+    fp32 contexts take 8: their exact fp32 dots hold more in registers, and with 4 warps triton 3.6 (the
+    GPU image's) spills the dX kernel at the 255-register cap (3.8: 188 / 218 registers on sm_80 / sm_90;
+    with 8, 234 on 3.6 and 128 on 3.8, no spills). Half contexts keep Triton's default 4."""
+    return 8 if dtype == torch.float32 else 4
 
 
 @triton.jit
@@ -208,7 +216,7 @@ class KVProject(torch.autograd.Function):
             _kv_forward_kernel[(triton.cdiv(M, BLOCK_M), tables.tile_count)](
                 x2, tables.ptrs, buffer, tables.cols, tables.tiles, tables.sizes, tables.hds, M, S, D,
                 DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=NUM_WARPS)
+                num_warps=num_warps(x.dtype))
         ctx.save_for_backward(x2, *ws)
         ctx.hds = hds
         return tuple(outs)
@@ -238,7 +246,7 @@ class KVProject(torch.autograd.Function):
                 _kv_dw_kernel[(tables.tile_count, triton.cdiv(D, BLOCK_K))](
                     x, gout_w, dw_ptrs, tables.tiles, tables.sizes, tables.hds, B * S, S, D,
                     DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                    BLOCK_M=BLOCK_M, num_warps=NUM_WARPS)
+                    BLOCK_M=BLOCK_M, num_warps=num_warps(x.dtype))
         for g, w in enumerate(ws):  # a weight that wants a gradient but got no output gradient
             if needs_w[g] and dws[g] is None:
                 dws[g] = torch.zeros_like(w)
@@ -251,5 +259,5 @@ class KVProject(torch.autograd.Function):
                     _kv_dx_kernel[(triton.cdiv(B * S, BLOCK_M), triton.cdiv(D, BLOCK_K))](
                         gout_x, tables.ptrs, tables.sizes, tables.hds, len(dx_from), dx, B * S, S, D,
                         DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                        BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                        BLOCK_N=BLOCK_N, num_warps=num_warps(x.dtype))
         return (dx, None, *dws)

@@ -133,7 +133,7 @@ def variants() -> list[Variant]:
                             ("_kv_dx_kernel", {"dx_ptr": x_dtype})):
             args = getattr(kv, kernel).arg_names
             pointers = {**{t: "i64" for t in tables if t in args}, **own}
-            out.append(Variant(K, kernel, name, pointers, consts, kv.NUM_WARPS))
+            out.append(Variant(K, kernel, name, pointers, consts, kv.num_warps(x_dtype)))
     return out
 
 
