@@ -19,10 +19,10 @@ import sys
 
 import timm
 import torch
+from common import device_name, measure, write_rows
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import device_name, measure, write_rows
-from opad.backbones import ImageProjection, _clip_vision_tower
+from opad.models.backbones import ImageProjection, _clip_vision_tower
 
 
 def _timm(name: str):

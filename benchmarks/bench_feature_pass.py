@@ -6,7 +6,7 @@ Default: a 2x3x512² image (the student's decode) -> the three backbone inputs {
 
 - ``feature_pass_fwd`` / ``feature_pass_fwd_bwd``: the op alone;
 - ``ensemble_fwd_bwd``: every backbone's features of the image and the image gradient, i.e.
-  :func:`opad.backbones.backbone_features` (fused pass; encoders on their own CUDA streams on a
+  :func:`opad.models.backbones.backbone_features` (fused pass; encoders on their own CUDA streams on a
   GPU) vs one backbone at a time. ``--backbones tiny`` (the CPU default) uses the tiny preset's
   ViTs at the real input sizes; ``real`` (the GPU default) the real architectures with random
   weights (ViT-S/16, ViT-L/14 at 518, open_clip ViT-H-14): nothing is downloaded.
@@ -22,13 +22,19 @@ import sys
 import open_clip
 import timm
 import torch
-
 from common import write_rows
 from kernel_timing import time_providers
-from opad.backbones import (IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, _clip_vision_tower, backbone_features,
-                            build_backbone)
-from opad.feature_pass import BackboneInput, feature_pass
-from opad.runtime import pick_device
+
+from opad.devices import pick_device
+from opad.kernels.feature_pass import BackboneInput, feature_pass
+from opad.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FrozenBackbone,
+    _clip_vision_tower,
+    backbone_features,
+    build_backbone,
+)
 
 CLIP_MEAN, CLIP_STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 INPUTS = [BackboneInput(224, "antialias", IMAGENET_MEAN, IMAGENET_STD),  # dino_v1

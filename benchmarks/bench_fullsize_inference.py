@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import measure, write_rows
 
 PROVIDERS = ("diffusers", "eager", "compiled", "onnxruntime", "tensorrt")
@@ -91,7 +90,7 @@ def _export(args, student: str, device: torch.device, out: str) -> dict:
 
 def run_provider(args, provider: str, student: str) -> dict:
     """One provider's timing row (in this process)."""
-    from opad.runtime import pick_device
+    from opad.devices import pick_device
 
     device = pick_device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -167,7 +166,7 @@ def _students(args) -> tuple[str, tempfile.TemporaryDirectory | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from opad.runtime import pick_device
+    from opad.devices import pick_device
 
     device = pick_device(args.device)
     student, tmp = _students(args)

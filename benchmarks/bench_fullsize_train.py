@@ -1,6 +1,6 @@
 """One OPAD training iteration on the full-size models: time per phase and peak memory.
 
-The real trainer (opad.trainer.Trainer, --profile paper) on a folder of python -m opad.fullsize: the SD 2.1
+The real trainer (opad.train.loop.Trainer, --profile paper) on a folder of python -m opad.fullsize: the SD 2.1
 teacher and SD-Turbo student at their published size and the paper's backbones (DINO ViT-S/16, DINOv2
 ViT-L/14 at 518 px, open_clip ViT-H-14 + IP-Adapter's projection for the identity loss). One iteration
 (after --warmup untimed ones) is timed phase by phase, each phase's own time (nested phases subtracted,
@@ -32,7 +32,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-
 from common import write_rows
 
 NAME = "fullsize/train"
@@ -73,8 +72,8 @@ class PhaseTimer:
 
 @contextlib.contextmanager
 def timed_phases(timer: PhaseTimer, trainer):
-    """Time the parts of OPAD's iteration (opad.methods.opad) by wrapping the functions each one calls."""
-    import opad.methods.opad as opad_method
+    """Time the parts of OPAD's iteration (opad.train.methods.opad) by wrapping the functions each one calls."""
+    import opad.train.methods.opad as opad_method
 
     method = trainer.method
     step = trainer._optimizer_step
@@ -106,7 +105,7 @@ def timed_phases(timer: PhaseTimer, trainer):
 def build_trainer(models: Path, args, out: str):
     from opad.config import TrainConfig
     from opad.fullsize.writer import BACKBONE_FILES
-    from opad.trainer import Trainer
+    from opad.train.loop import Trainer
 
     bb = models / "backbones"
     mp = {"auto": "auto", "fp32": "no", "bf16": "bf16"}[args.dtype]
@@ -147,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
-    from opad.runtime import pick_device
+    from opad.devices import pick_device
 
     device = pick_device(args.device)
     tmp = None
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         models = write_fullsize(Path(tmp.name) / "fs")
     else:
-        p.error("pass --models DIR (python -m opad.fullsize DIR writes it) or --write-models")
+        parser.error("pass --models DIR (python -m opad.fullsize DIR writes it) or --write-models")
     try:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()

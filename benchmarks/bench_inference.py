@@ -21,12 +21,12 @@ import tempfile
 
 import numpy as np
 import torch
-
 from common import measure, write_rows
 from opad.export import export_onnx
 from opad.export.graphs import DenoiseDecodeGraph
 from opad.export.runtime import Runner, seeded_noise
-from opad.runtime import pick_device
+
+from opad.devices import pick_device
 
 PROMPT = "a photo of a dog"
 

@@ -13,11 +13,11 @@ import argparse
 import sys
 
 import torch
-
 from common import write_rows
 from kernel_timing import time_providers
+
+from opad.devices import pick_device
 from opad.kernels.kv_proj import kv_project
-from opad.runtime import pick_device
 
 SD21_WIDTHS = [320] * 5 + [640] * 5 + [1280] * 6  # attn2 layers, in some order (order does not matter)
 

@@ -33,7 +33,7 @@ from opad.export.runtime import Runner
 from opad.export.serve import ThreadedServer
 from opad.export.server_app import Settings, build_app
 
-from opad.runtime import pick_device
+from opad.devices import pick_device
 
 PROMPTS = ["a photo of a dog", "a dog on the beach", "a dog in the snow", "a watercolor painting of a dog"]
 

@@ -20,11 +20,11 @@ import argparse
 import sys
 
 import torch
-
 from common import write_rows
 from kernel_timing import time_op, time_providers
-from opad import losses
-from opad.runtime import pick_device
+
+from opad.devices import pick_device
+from opad.train import losses
 
 
 def main(argv: list[str] | None = None) -> int:

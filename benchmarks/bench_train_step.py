@@ -18,13 +18,13 @@ import sys
 import tempfile
 
 import torch
-
 from common import measure, write_rows
-from opad import losses
+
 from opad.config import METHODS, TrainConfig
-from opad.diffusion import add_noise, teacher_x0
-from opad.sampling import decode_latents
-from opad.trainer import StepOutcome, Trainer
+from opad.diffusion.sampling import decode_latents
+from opad.diffusion.schedule import add_noise, teacher_x0
+from opad.train import losses
+from opad.train.loop import StepOutcome, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:

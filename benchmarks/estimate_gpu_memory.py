@@ -1,6 +1,6 @@
 """The GPU memory of one full-size OPAD training iteration, estimated without a GPU.
 
-The real trainer (opad.trainer.Trainer, the paper profile, every phase of OPAD's iteration) runs on fake
+The real trainer (opad.train.loop.Trainer, the paper profile, every phase of OPAD's iteration) runs on fake
 tensors (torch's FakeTensorMode: shapes, dtypes and strides, no memory and no compute), built from the
 published configurations (the ``--models`` folder's config files, or opad.fullsize's own), with the
 full-size backbones (DINO ViT-S/16, DINOv2 ViT-L/14, open_clip ViT-H-14 + IP-Adapter's projection).
@@ -38,9 +38,9 @@ from unittest import mock
 os.environ["OPAD_KERNELS"] = "reference"  # before opad imports a kernel: trace the torch references
 
 import torch  # noqa: E402
+from common import write_rows  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from common import write_rows  # noqa: E402
 from opad.fullsize import writer  # noqa: E402
 from opad.fullsize.memory import LiveMemory, MemoryReport  # noqa: E402
 
@@ -136,7 +136,7 @@ class FakeModels:
                        resize="antialias", ip_adapter=None, seed=0):
         import open_clip
 
-        from opad.backbones import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone
+        from opad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone
 
         if not self.backbone_modules:
             self.backbone_modules = {k: _fake(m, self.dtype) for k, m in writer.build_backbones(empty=False).items()}
@@ -164,7 +164,7 @@ def _label_weights(mem: LiveMemory, trainer) -> None:
 @contextlib.contextmanager
 def _phases(mem: LiveMemory, trainer) -> contextlib.AbstractContextManager:
     """Label what each part of OPAD's iteration allocates."""
-    import opad.methods.opad as opad_method
+    import opad.train.methods.opad as opad_method
 
     method = trainer.method
 
@@ -209,16 +209,16 @@ def estimate(models: str | None = None, *, resolution: int = 512, dtype: str = "
     ``checkpointing``: ``all`` (the trainer's --gradient-checkpointing on: UNets, VAE decoder, backbones),
     ``unets`` (the UNets alone, as the trainer did before), ``off``."""
     from opad.config import TrainConfig
-    from opad.example_concept import example_concept_dir
-    from opad.trainer import Trainer
+    from opad.presets.example_concept import example_concept_dir
+    from opad.train.loop import Trainer
 
     example_concept_dir()  # written for real, before the fake mode (it draws images)
     fakes = FakeModels(models, DTYPES[frozen_dtype])
     root = models or "fullsize"
     mem = LiveMemory()
     with tempfile.TemporaryDirectory() as out, FakeTensorMode(allow_non_fake_inputs=True), mem, \
-            mock.patch("opad.trainer.load_models", fakes.load_models), \
-            mock.patch("opad.methods.opad.build_backbone", fakes.build_backbone), \
+            mock.patch("opad.train.loop.load_models", fakes.load_models), \
+            mock.patch("opad.train.methods.opad.build_backbone", fakes.build_backbone), \
             mock.patch.object(torch.nn.Module, "to", _fake_to):
         cfg = TrainConfig(teacher=f"{root}/teacher", student=f"{root}/student", output_dir=f"{out}/run",
                           device="cpu", mixed_precision="bf16" if dtype == "bf16" else "no", profile="paper",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opad.losses import ms_swd, random_projections
+from opad.train.losses import ms_swd, random_projections
 
 HERE = Path(__file__).resolve().parent
 

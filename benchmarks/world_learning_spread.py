@@ -29,7 +29,7 @@ OUT = Path(__file__).with_name("world_learning_spread.csv")
 
 
 def one_run(seed: int, steps: int, concept: str) -> dict:
-    from opad.trainer import build_trainer
+    from opad.train.loop import build_trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(TrainConfig(output_dir=out, seed=seed, max_steps=steps, preview_every=10**6,

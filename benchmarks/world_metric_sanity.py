@@ -1,6 +1,6 @@
 """What the mini world's DINO / CLIP-I / CLIP-T analogues give images whose answer is known, for
 reading the experiment's table (``python -m opad.reproduce --world``): for each held-out concept, the
-same metrics as ``opad.evaluate`` (mean cosine to the concept's five photos; cosine to the prompt with
+same metrics as ``opad.evaluation.evaluate`` (mean cosine to the concept's five photos; cosine to the prompt with
 its token removed) on reference sets drawn by the world itself.
 
 - ``photos, leave-one-out``: each photo against the other four (its DINO / CLIP-I ceiling);
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opad.dreambench import read_dreambench
-from opad.eval_encoders import clip_encoder, dino_encoder
-from opad.eval_metrics import cosine, strip_modifiers, text_scores
+from opad.evaluation.dreambench import read_dreambench
+from opad.evaluation.encoders import clip_encoder, dino_encoder
+from opad.evaluation.metrics import cosine, strip_modifiers, text_scores
 from opad.world.classifier import WorldClassifier
 from opad.world.concepts import CONCEPTS, concepts_dir, photo_scenes
 from opad.world.fidelity import CLASSIFIER, prompt_context

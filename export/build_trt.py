@@ -35,9 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from opad.config import DEVICE_PATTERN
-from opad.errors import OpadError
 from opad.export.export_onnx import TOLERANCE, run_cli  # the same bound: |TensorRT - ONNX Runtime|
 from opad.export.sidecar import read_sidecar
 from opad.export.trt_engine import execute, on_device, tensorrt
@@ -49,6 +46,9 @@ from opad.export.trt_plan import (
     profile_shapes,
     refit_map,
 )
+
+from opad.config import DEVICE_PATTERN
+from opad.errors import OpadError
 from opad.fsutil import check_output_folder, staged_dir
 
 ENGINES = "engines.json"
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
     """The K/V weights the export's conditioning graph was made from, by PyTorch parameter name."""
-    from opad.models.concept import kv_parameters, load_concept
+    from opad.concept.folder import kv_parameters, load_concept
     from opad.models.loading import load_models
 
     bundle = load_models(student=record["student"], load_teacher=False)

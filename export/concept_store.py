@@ -17,8 +17,8 @@ from pathlib import Path
 
 from opad.export.runtime import Runner
 
+from opad.concept.folder import META_NAME, WEIGHTS_NAME
 from opad.errors import OpadError
-from opad.models.concept import META_NAME, WEIGHTS_NAME
 
 BASE = "base"  # the student without a concept
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -30,19 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from opad.errors import OpadError, first_line
 from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
 from opad.export.precision import exact_fp32
 from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 from opad.export.trt_plan import parse_range
+
+from opad.concept.folder import KV_FORMATS, concept_format, load_concept
+from opad.devices import pick_device
+from opad.diffusion.sampling import STUDENT_STEPS, initial_noise
+from opad.errors import OpadError, first_line
 from opad.fsutil import staged_dir
 from opad.generate import check_output_options
 from opad.models.attention import cross_attention_layers
-from opad.models.concept import KV_FORMATS, concept_format, load_concept
 from opad.models.loading import ModelBundle, load_models
-from opad.runtime import pick_device
-from opad.sampling import STUDENT_STEPS, initial_noise
 
 EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 17
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python export/export_onnx.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
-    p.add_argument("--concept", default=None, help="concept folder written by opad.train (default: none, the base "
+    p.add_argument("--concept", default=None, help="concept folder written by opad.train.cli (default: none, the base "
                    "student)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")

@@ -14,7 +14,7 @@ token rows, so:
   exported with one, this graph holds it and serves that concept alone.)
 - :class:`SingleGraph` (c): token embeddings -> image, the classic one-graph export.
 
-Each equals :func:`opad.sampling.sample_student` on the same noise (tests check it).
+Each equals :func:`opad.diffusion.sampling.sample_student` on the same noise (tests check it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextModel
 
-from opad.diffusion import ddim_sample, trailing_timesteps, turbo_initial_latent, unet_prediction
+from opad.diffusion.schedule import ddim_sample, trailing_timesteps, turbo_initial_latent, unet_prediction
 from opad.models.attention import fused_kv, install_fused_kv
 from opad.models.loading import ModelBundle
 

@@ -38,18 +38,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from opad.errors import OpadError
 from opad.export.batch_plan import batch_chunks, compiled_batch, take_rows
 from opad.export.graphs import DenoiseDecodeGraph, encode_token_embeddings, token_embedding_table
 from opad.export.sidecar import check_matches, folder_hashes, read_sidecar
+from torch import Tensor
+
+from opad.concept.folder import kv_parameters, read_concept
+from opad.devices import pick_device, pick_dtype
+from opad.diffusion.sampling import STUDENT_STEPS
+from opad.errors import OpadError
 from opad.kernels.kv_proj import kv_project
 from opad.models.attention import cross_attention_layers
-from opad.models.concept import kv_parameters, read_concept
 from opad.models.loading import load_models
-from opad.runtime import pick_device, pick_dtype
-from opad.sampling import STUDENT_STEPS
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached
@@ -65,7 +65,7 @@ _variants_made = 0
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype) -> Tensor:
-    """One latent per seed, drawn as ``opad.sampling.initial_noise`` draws it (CPU generator, float32,
+    """One latent per seed, drawn as ``opad.diffusion.sampling.initial_noise`` draws it (CPU generator, float32,
     then cast)."""
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
                       for s in seeds]).to(dtype)

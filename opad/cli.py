@@ -18,6 +18,13 @@ COMMANDS = {
     "reproduce": "the paper's Table 5 on DreamBench: train, generate and score each (subject, method)",
 }
 EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
+# where each command's main() lives when it is not opad.<command>
+MODULES = {"train": "opad.train.cli"}
+
+
+def command_module(name: str):
+    """The module whose ``main(argv)`` runs ``opad <name>`` (and ``python -m opad.<name>``)."""
+    return importlib.import_module(MODULES.get(name, f"opad.{name}"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(EXPORT_MODULES[argv[1]]).main(argv[2:])
     if argv[0] == "serve":
         return importlib.import_module("opad.export.serve").main(argv[1:])
-    module = importlib.import_module(f"opad.{argv[0]}")
-    return module.main(argv[1:])
+    return command_module(argv[0]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from opad.errors import OpadError
@@ -45,19 +45,6 @@ def staged_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def cached_folder(path: Path, write: Callable[[Path], None]) -> Path:
-    """``path``, first written by ``write(tmp)`` into a staged folder if it is not there yet (a cache
-    entry: complete or absent; when two processes race, the first rename wins and both use it)."""
-    if not path.is_dir():
-        try:
-            with staged_dir(path) as tmp:
-                write(tmp)
-        except OSError:
-            if not path.is_dir():
-                raise
-    return path
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:

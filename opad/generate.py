@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import opad
+from opad.concept.folder import load_concept
 from opad.config import MAX_SEED
+from opad.devices import pick_device, pick_dtype
+from opad.diffusion.sampling import STUDENT_STEPS, sample_student
 from opad.errors import OpadError, warn
 from opad.fsutil import check_output_folder, staged_dir
-from opad.models.concept import load_concept
 from opad.models.loading import ModelBundle, load_models
-from opad.runtime import pick_device, pick_dtype
-from opad.sampling import STUDENT_STEPS, sample_student
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
-    p.add_argument("--concept", default=None, help="concept folder written by opad.train (any of its formats: "
+    p.add_argument("--concept", default=None, help="concept folder written by opad.train.cli (any of its formats: "
                    "custom-diffusion, lora, unet, textual-inversion)")
     p.add_argument("--prompt", default="a photo of a dog", help="text prompt; use the concept's token, e.g. '<new1>'")
     p.add_argument("--steps", type=int, choices=STUDENT_STEPS, default=1, help="student sampling steps")

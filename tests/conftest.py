@@ -40,7 +40,7 @@ def opad_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(opad_cache) -> Path:
-    from opad.tiny import tiny_preset_dir
+    from opad.presets.tiny import tiny_preset_dir
 
     return tiny_preset_dir()
 

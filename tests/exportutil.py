@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from opad.export import export_onnx
 
+from opad.concept.folder import add_modifier_tokens, kv_parameters, load_concept, save_concept
+from opad.diffusion.sampling import sample_student
 from opad.generate import to_pil
-from opad.models.concept import add_modifier_tokens, kv_parameters, load_concept, save_concept
 from opad.models.loading import load_models
-from opad.sampling import sample_student
 
 PROMPT = "a photo of <new1> dog"
 

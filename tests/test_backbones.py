@@ -16,10 +16,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from opad.backbones import ImageProjection, build_backbone
-from opad.feature_pass import resize_images
 from opad.errors import OpadError
-from opad.losses import cosine_distance
+from opad.kernels.feature_pass import resize_images
+from opad.models.backbones import ImageProjection, build_backbone
+from opad.train.losses import cosine_distance
 
 
 def _images(*shape, seed=0):
@@ -254,7 +254,7 @@ def test_hub_unknown_tags_are_named(offline):
 def test_hub_offline_from_the_environment_in_a_fresh_process(tmp_path):
     """The real case: HF_HUB_OFFLINE=1 set before anything is imported; fails fast, one line."""
     script = textwrap.dedent("""
-        from opad.backbones import build_backbone
+        from opad.models.backbones import build_backbone
         from opad.errors import OpadError
         try:
             build_backbone("clip", "hub")
@@ -273,7 +273,7 @@ def test_hub_offline_from_the_environment_in_a_fresh_process(tmp_path):
 # Measured on the 2-core CPU (2026-11-25): 14 s and 3.3 GB peak for ViT-H/14, 16 s and 3.2 GB for
 # DINOv2 ViT-L/14, mostly writing the random file -- under a minute each, so they run in CI.
 def test_default_clip_vit_h14_from_a_local_visual_only_file(tmp_path):
-    from opad.backbones import _clip_vision_tower
+    from opad.models.backbones import _clip_vision_tower
 
     path = tmp_path / "vit_h14_visual.safetensors"
     visual = _clip_vision_tower("ViT-H-14")

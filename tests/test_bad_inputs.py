@@ -8,7 +8,6 @@ new class of bad input turns up.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+
+from opad.cli import command_module
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "1", "--preview-every", "10", "--preview-teacher-steps", "2", "--swd-projections", "16",
@@ -54,7 +55,7 @@ def a_file(name: str) -> Callable[[Path], None]:
 
 def corrupt_model_file(part: str) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
-        from opad.tiny import write_tiny_preset
+        from opad.presets.tiny import write_tiny_preset
 
         write_tiny_preset(tmp / "models")
         path = tmp / "models" / "student" / part
@@ -65,7 +66,7 @@ def corrupt_model_file(part: str) -> Callable[[Path], None]:
 
 def nan_concept(key: str) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
-        from opad.models.concept import add_modifier_tokens, save_concept
+        from opad.concept.folder import add_modifier_tokens, save_concept
         from opad.models.loading import load_models
 
         bundle = load_models(load_teacher=False)
@@ -285,7 +286,7 @@ def _fmt(items: list[str], tmp: Path) -> list[str]:
 
 def run_main(cli: str, args: list[str], capsys) -> tuple[int, str]:
     """The CLI's main() in-process: (exit code, stderr). argparse errors exit via SystemExit."""
-    main = importlib.import_module(f"opad.{cli}").main
+    main = command_module(cli).main
     try:
         code = main(args)
     except SystemExit as e:
@@ -315,7 +316,7 @@ def test_bad_input(case: Case, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- rows with their own checks
 def test_16_bit_grayscale_png_keeps_its_values(tmp_path):
-    from opad.data import load_images
+    from opad.train.data import load_images
 
     values = (torch.arange(64 * 64).view(64, 64) * 16).int()  # 0 .. 65520
     Image.fromarray(values.numpy().astype("uint16")).save(tmp_path / "g16.png")
@@ -325,7 +326,7 @@ def test_16_bit_grayscale_png_keeps_its_values(tmp_path):
 
 
 def test_exif_orientation_is_honoured(tmp_path):
-    from opad.data import load_images
+    from opad.train.data import load_images
 
     img = Image.new("RGB", (120, 80), "white")
     img.paste((255, 0, 0), (0, 0, 60, 80))  # left half red, as stored
@@ -338,8 +339,8 @@ def test_exif_orientation_is_honoured(tmp_path):
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path, capsys):
-    from opad import train
-    from opad.checkpoint import complete_checkpoints
+    from opad.train import cli as train
+    from opad.train.checkpoint import complete_checkpoints
 
     out = tmp_path / "run"
     args = ["--output-dir", str(out), *FAST, "--max-steps", "2", "--checkpoint-every", "1"]
@@ -353,8 +354,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tm
 
 
 def test_every_checkpoint_truncated_is_one_clear_error(tiny_dir, tmp_path, capsys):
-    from opad import train
-    from opad.checkpoint import complete_checkpoints
+    from opad.train import cli as train
+    from opad.train.checkpoint import complete_checkpoints
 
     out = tmp_path / "run"
     assert train.main(["--output-dir", str(out), *FAST, "--checkpoint-every", "1"]) == 0
@@ -367,8 +368,8 @@ def test_every_checkpoint_truncated_is_one_clear_error(tiny_dir, tmp_path, capsy
 
 
 def test_saving_a_non_finite_concept_is_refused(bundle, tmp_path):
+    from opad.concept.folder import add_modifier_tokens, save_concept
     from opad.errors import OpadError
-    from opad.models.concept import add_modifier_tokens, save_concept
 
     add_modifier_tokens(bundle.tokenizer, bundle.text_encoder, ["<new1>"], ["dog"])
     next(iter(bundle.student_unet.attn_processors))

@@ -15,11 +15,11 @@ from PIL import Image
 from trainutil import make_cfg, make_trainer, write_class_images
 
 from opad import generate
-from opad.checkpoint import latest_checkpoint, load_checkpoint
+from opad.concept.folder import kv_parameters
 from opad.config import BASELINES, TrainConfig
 from opad.errors import OpadError
-from opad.methods.finetune import StudentFinetune
-from opad.models.concept import kv_parameters
+from opad.train.checkpoint import latest_checkpoint, load_checkpoint
+from opad.train.methods.finetune import StudentFinetune
 
 PROMPT = "a photo of <new1> toy on the beach"
 # a learning rate high enough that 3 steps visibly move the images of every baseline
@@ -152,7 +152,7 @@ def test_cached_kv_follows_lora_adapters(bundle):
     of its weights, must recompute them (the LoRA run's previews)."""
     from peft import LoraConfig
 
-    from opad.sampling import sample_student
+    from opad.diffusion.sampling import sample_student
 
     def image():
         return sample_student(bundle, [PROMPT.replace("<new1> ", "")], generator=torch.Generator().manual_seed(1))
@@ -185,9 +185,9 @@ def test_custom_diffusion_on_the_teacher(tiny_dir, tmp_path):
     """--finetune teacher: Custom Diffusion personalizes the teacher (Table 5's SD 2.1 row). Its concept
     is teacher_concept/ (no concept/ a student could wrongly load), fits the teacher and changes the
     teacher's multi-step images; the previews sample the teacher."""
-    from opad.models.concept_tokens import add_modifier_tokens
+    from opad.concept.tokens import add_modifier_tokens
+    from opad.diffusion.sampling import sample_teacher
     from opad.models.loading import load_models, teacher_view
-    from opad.sampling import sample_teacher
 
     trainer = make_trainer(tmp_path / "run", method="custom-diffusion", finetune="teacher", **FAST)
     trainer.train()

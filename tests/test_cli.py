@@ -12,7 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from opad import cli, generate, tiny
+from opad import cli, generate
+from opad.presets import tiny
 
 
 def _run(*args, **kw):

@@ -10,8 +10,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from opad import generate
-from opad.errors import OpadError
-from opad.models.concept import (
+from opad.concept.folder import (
     META_NAME,
     WEIGHTS_NAME,
     add_modifier_tokens,
@@ -22,7 +21,8 @@ from opad.models.concept import (
     mask_embedding_grad,
     save_concept,
 )
-from opad.sampling import encode_prompts, sample_student
+from opad.diffusion.sampling import encode_prompts, sample_student
+from opad.errors import OpadError
 
 PROMPT = "a <new1> dog on the beach"
 
@@ -218,7 +218,7 @@ def test_failed_save_leaves_nothing(bundle, tmp_path, monkeypatch):
 
 
 def test_detach_start_token_kv_blocks_only_the_start_tokens_gradient(bundle):
-    from opad.models.concept import detach_start_token_kv
+    from opad.concept.folder import detach_start_token_kv
 
     unet = bundle.student_unet
     params = enable_kv_training(unet)

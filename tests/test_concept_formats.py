@@ -15,10 +15,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from opad.errors import OpadError
-from opad.generate import to_pil
-from opad.models.attention import FusedKVAttnProcessor
-from opad.models.concept import (
+from opad.concept.folder import (
     LORA_NAME,
     META_NAME,
     add_modifier_tokens,
@@ -28,8 +25,11 @@ from opad.models.concept import (
     read_concept,
     save_concept,
 )
+from opad.diffusion.sampling import sample_student
+from opad.errors import OpadError
+from opad.generate import to_pil
+from opad.models.attention import FusedKVAttnProcessor
 from opad.models.loading import load_models
-from opad.sampling import sample_student
 
 PROMPT = "a photo of <new1> dog"
 FORMATS = ("lora", "unet", "textual-inversion")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from opad import diffusion as D
-from opad.tiny import student_scheduler, teacher_scheduler
+from opad.diffusion import schedule as D
+from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
 
 
 def _batch(seed: int, n: int = 3):

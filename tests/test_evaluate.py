@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from opad import evaluate
-from opad.dreambench import read_dreambench
-from opad.eval_encoders import ClipEncoder, DinoEncoder
-from opad.eval_metrics import bootstrap_interval, cosine, image_scores, prompt_type, strip_modifiers, text_scores
+from opad.evaluation import evaluate
+from opad.evaluation.dreambench import read_dreambench
+from opad.evaluation.encoders import ClipEncoder, DinoEncoder
+from opad.evaluation.metrics import bootstrap_interval, cosine, image_scores, prompt_type, strip_modifiers, text_scores
 
 TINY = ["--dino-weights", "tiny", "--clip-weights", "tiny"]
 
@@ -207,7 +207,7 @@ def test_world_encoders_score_the_world(tmp_path, monkeypatch):
     import torch
     from transformers import CLIPModel
 
-    from opad.eval_encoders import clip_encoder, dino_encoder
+    from opad.evaluation.encoders import clip_encoder, dino_encoder
     from opad.world import clip as world_clip
     from opad.world import encoders
     from opad.world.concepts import concepts_dir

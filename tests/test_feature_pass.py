@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from opad.backbones import backbone_features, build_backbone
-from opad.feature_pass import BackboneInput, _FusedFeaturePass, feature_pass, feature_pass_reference
 from opad.kernels import dispatch
+from opad.kernels.feature_pass import BackboneInput, _FusedFeaturePass, feature_pass, feature_pass_reference
+from opad.models.backbones import backbone_features, build_backbone
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ODD_SIZES = (61, 224, 37, 5)  # from 97 x 131: shrink, grow, shrink hard, tiny
@@ -144,7 +144,7 @@ def test_missing_extension_falls_back_with_one_warning(tmp_path):
     script = (
         "import sys; sys.modules['opad._C'] = None\n"  # as if it had never been built
         "import torch\n"
-        "from opad.feature_pass import BackboneInput, feature_pass, feature_pass_reference\n"
+        "from opad.kernels.feature_pass import BackboneInput, feature_pass, feature_pass_reference\n"
         "x = torch.rand(1, 3, 30, 20)\n"
         "for _ in range(3):\n"
         "    (out,) = feature_pass(x, [BackboneInput(9)])\n"
@@ -242,7 +242,7 @@ ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ext)
 sys.modules["opad._C"] = ext  # this process never imports the installed build
 from opad.errors import OpadError
-from opad.feature_pass import BackboneInput, _op_args, feature_pass_reference
+from opad.kernels.feature_pass import BackboneInput, _op_args, feature_pass_reference
 from opad.kernels import dispatch
 assert not ext.cuda_built()
 x = torch.rand(2, 3, 29, 23, dtype=torch.float64)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-from opad.data import ConceptData
-from opad.diffusion import guided_prediction, teacher_x0
-from opad.sampling import encode_prompts, sample_student
-from opad.trainer import StepOutcome
 from trainutil import make_trainer
+
+from opad.diffusion.sampling import encode_prompts, sample_student
+from opad.diffusion.schedule import guided_prediction, teacher_x0
+from opad.train.data import ConceptData
+from opad.train.loop import StepOutcome
 
 PROMPTS = ["a photo of a <new1> toy", "a <new1> toy on the beach"]
 
@@ -88,7 +88,7 @@ def test_bf16_autocast_x0_is_close_to_fp32(bundle, which, tolerance):
     def x0():
         if which == "teacher":
             return teacher_x0(bundle.teacher_unet, z, t, cond, uncond, ac, "v_prediction", 7.5)
-        from opad.sampling import student_denoise
+        from opad.diffusion.sampling import student_denoise
 
         return student_denoise(bundle, cond, z, steps=1)
 
@@ -180,9 +180,10 @@ TEACHER_FIRST = dict(teacher_first=True, max_steps=4, teacher_first_steps=2, tea
 
 
 def test_teacher_first_trains_the_teacher_then_the_student_on_its_samples(tiny_dir, tmp_path):
-    from opad.checkpoint import complete_checkpoints, load_checkpoint
-    from opad.runlog import read_log
     from trainutil import changed, kv_names, snapshot
+
+    from opad.train.checkpoint import complete_checkpoints, load_checkpoint
+    from opad.train.runlog import read_log
 
     trainer = make_trainer(tmp_path / "run", **TEACHER_FIRST)
     assert trainer.cfg.discriminators == [] and trainer.cfg.collab_start is None and not trainer.method.heads
@@ -240,10 +241,10 @@ def test_teacher_first_bad_settings(tmp_path, overrides, message):
 
 # A run whose every update was skipped must not end as a success ------------------------------------
 def test_a_run_whose_every_student_update_was_skipped_fails(tiny_dir, tmp_path, monkeypatch):
-    import opad.losses
+    import opad.train.losses
     from opad.errors import OpadError
 
-    monkeypatch.setattr(opad.losses, "latent_mse", lambda a, b: (a - b).pow(2).flatten(1).mean(1) * float("nan"))
+    monkeypatch.setattr(opad.train.losses, "latent_mse", lambda a, b: (a - b).pow(2).flatten(1).mean(1) * float("nan"))
     trainer = make_trainer(tmp_path / "run", max_steps=2, max_bad_steps=5, discriminators=["clip"])
     with pytest.raises(OpadError, match=r"no update of the student was applied in 2 step\(s\)"):
         trainer.train()

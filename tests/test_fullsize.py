@@ -131,9 +131,9 @@ def small_stand_ins(monkeypatch):
 
 
 def test_writer_writes_loadable_pipelines_and_backbones(small_stand_ins, tmp_path, capsys):
-    from opad.backbones import build_backbone
+    from opad.diffusion.sampling import sample_student
+    from opad.models.backbones import build_backbone
     from opad.models.loading import load_models
-    from opad.sampling import sample_student
 
     out = tmp_path / "fs"
     assert fullsize.main([str(out)]) == 0

@@ -15,11 +15,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from opad import losses
+from opad.concept.folder import enable_kv_training
 from opad.errors import OpadError
 from opad.kernels import dispatch, kv_proj
 from opad.models.attention import fused_kv, install_fused_kv
-from opad.models.concept import enable_kv_training
+from opad.train import losses
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and not dispatch.interpreting(),

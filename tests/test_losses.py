@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opad import losses
+from opad.train import losses
 
 
 def _imgs(seed, shape=(3, 3, 37, 29)):

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from opad import generate, train
+from opad import generate
 from opad.config import TrainConfig
 from opad.errors import OpadError
 from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset
+from opad.train import cli as train
 from opad.world.clip import load_text_encoder
 from opad.world.concepts import CONCEPTS, concepts_dir
 from opad.world.layout import SHIPPED

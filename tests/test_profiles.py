@@ -8,15 +8,15 @@ import pytest
 import torch
 from trainutil import make_cfg, make_trainer
 
-import opad.methods.base as method_base
-import opad.methods.opad as opad_method
-from opad import losses
+import opad.train.methods.base as method_base
+import opad.train.methods.opad as opad_method
 from opad.config import FROM_PROFILE, TrainConfig
-from opad.data import RELEASE_TEMPLATES, TEMPLATES, ConceptData, load_images
+from opad.config.profiles import POINTS, markdown_table, profile_defaults
 from opad.errors import OpadError
 from opad.presets import PRESETS
-from opad.profiles import POINTS, markdown_table, profile_defaults
-from opad.trainer import StepOutcome
+from opad.train import losses
+from opad.train.data import RELEASE_TEMPLATES, TEMPLATES, ConceptData, load_images
+from opad.train.loop import StepOutcome
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a <new1> toy", "a <new1> toy on the beach"]

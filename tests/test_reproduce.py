@@ -11,7 +11,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from opad import reproduce
+from opad.evaluation import reproduce
 from opad.world.concepts import CONCEPTS
 
 # OPAD and one baseline (another concept format through generate); teacher-first is a method like them
@@ -130,7 +130,7 @@ def test_arm_flags_survive_the_worlds_defaults():
     """An arm's flags win over the preset's training defaults (the world sets discriminators)."""
     from opad.config import config_from_args
     from opad.presets import PRESETS
-    from opad.train import build_parser
+    from opad.train.cli import build_parser
 
     def resolved(arm):
         spec = reproduce.ARMS[arm]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from opad.sampling import sample_student, sample_teacher
+from opad.diffusion.sampling import sample_student, sample_teacher
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,9 @@ def test_a_seed_draws_the_same_noise_in_every_dtype(bundle, tiny_dir):
     """The noise is drawn in float32 and cast: torch 2.11 (the GPU image's) draws another stream for
     bfloat16 than for float32, so a seed's bf16 image would not be its fp32 image there."""
     from opad.export.runtime import seeded_noise
+
+    from opad.diffusion.sampling import initial_noise
     from opad.models.loading import load_models
-    from opad.sampling import initial_noise
 
     half = load_models(student=str(tiny_dir / "student"), dtype=torch.bfloat16, load_teacher=False)
     want = initial_noise(bundle, 2, 64, torch.Generator().manual_seed(7))

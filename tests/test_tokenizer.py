@@ -4,7 +4,7 @@ import open_clip
 import pytest
 from transformers import CLIPTokenizer
 
-from opad.dreambench import read_dreambench
+from opad.evaluation.dreambench import read_dreambench
 
 ORDINARY = [
     "a photo of a dog",

@@ -12,12 +12,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-
-from opad.checkpoint import complete_checkpoints, load_checkpoint
-from opad.errors import OpadError
-from opad.models.concept import WEIGHTS_NAME
-from opad.runlog import read_log
 from trainutil import changed, first_losses, kv_names, make_trainer, snapshot
+
+from opad.concept.folder import WEIGHTS_NAME
+from opad.errors import OpadError
+from opad.train.checkpoint import complete_checkpoints, load_checkpoint
+from opad.train.runlog import read_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_each_step_updates_only_its_own_model(tiny_dir, tmp_path):
     b = trainer.bundle
     batch = trainer.method.next_batch()
     cond = trainer._encode(b.text_encoder, batch.prompts)
-    from opad.trainer import StepOutcome
+    from opad.train.loop import StepOutcome
 
     table = b.text_encoder.get_input_embeddings().weight
     table_key = "text_encoder." + next(n for n, p in b.text_encoder.named_parameters() if p is table)
@@ -92,7 +92,7 @@ def test_alignment_target_has_no_gradient_and_adversarial_terms_ignore_c(tiny_di
     (grad,) = torch.autograd.grad(result.terms["mse"], result.z_st, retain_graph=True)
     assert grad.abs().sum() > 0
 
-    import opad.methods.opad as opad_method
+    import opad.train.methods.opad as opad_method
 
     monkeypatch.setattr(opad_method, "c_weight", lambda t, ac: torch.zeros(len(t)))
     for k, g in trainer.generators.items():
@@ -177,7 +177,7 @@ def test_resume_is_bit_exact(tiny_dir, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import opad.checkpoint as ck
+    import opad.train.checkpoint as ck
     real_save = ck.torch.save
     def save_then_die(obj, path):
         if int(obj["step"]) == 4:  # die half-way through writing the step-4 checkpoint
@@ -186,7 +186,7 @@ KILL_SCRIPT = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(obj, path)
     ck.torch.save = save_then_die
-    from opad.train import main
+    from opad.train.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -211,16 +211,16 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tiny_dir, tmp_pat
 
 
 def test_planted_nan_is_skipped_then_rolled_back(tiny_dir, tmp_path, monkeypatch):
-    import opad.losses
+    import opad.train.losses
 
-    real_mse, calls = opad.losses.latent_mse, {"n": 0}
+    real_mse, calls = opad.train.losses.latent_mse, {"n": 0}
 
     def nan_for_three_calls(a, b):
         calls["n"] += 1
         value = real_mse(a, b)
         return value * float("nan") if 2 <= calls["n"] <= 4 else value
 
-    monkeypatch.setattr(opad.losses, "latent_mse", nan_for_three_calls)
+    monkeypatch.setattr(opad.train.losses, "latent_mse", nan_for_three_calls)
     trainer = make_trainer(tmp_path / "run", max_steps=6, checkpoint_every=10)
     trainer.train()
     events = [(int(r["step"]), r["event"]) for r in read_log(tmp_path / "run" / "log.csv") if r["event"]]
@@ -231,9 +231,9 @@ def test_planted_nan_is_skipped_then_rolled_back(tiny_dir, tmp_path, monkeypatch
 
 
 def test_persistent_nan_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypatch):
-    import opad.losses
+    import opad.train.losses
 
-    monkeypatch.setattr(opad.losses, "latent_mse", lambda a, b: (a - b).pow(2).flatten(1).mean(1) * float("nan"))
+    monkeypatch.setattr(opad.train.losses, "latent_mse", lambda a, b: (a - b).pow(2).flatten(1).mean(1) * float("nan"))
     trainer = make_trainer(tmp_path / "run", max_steps=20, checkpoint_every=10, max_bad_steps=2, max_rollbacks=1)
     with pytest.raises(OpadError, match="training diverged at step .*2 non-finite steps in a row.*after 1 rollback"):
         trainer.train()

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 from PIL import Image
-
-from opad.data import ConceptData, load_images
-from opad.errors import OpadError
 from trainutil import make_trainer
+
+from opad.errors import OpadError
+from opad.train.data import ConceptData, load_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

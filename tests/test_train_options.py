@@ -6,10 +6,10 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-
-from opad.backbones import build_backbone
-from opad.errors import OpadError
 from trainutil import make_trainer, write_class_images
+
+from opad.errors import OpadError
+from opad.models.backbones import build_backbone
 
 
 def _one_iteration(trainer) -> dict[str, float]:

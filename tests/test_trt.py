@@ -44,7 +44,7 @@ def fp16_conditioning_export(onnx_dir: Path, out: Path, student: Path, concept: 
     it on a GPU: the same graph, names and exporter, traced from a float16 bundle. (The export script
     refuses --fp16 on the CPU for its denoise graph's convolutions; the text encoder and the K/V
     projections run in float16 on the CPU.) Its export.json says fp16."""
-    from opad.models.concept import load_concept
+    from opad.concept.folder import load_concept
     from opad.models.loading import load_models
 
     shutil.copytree(onnx_dir, out)

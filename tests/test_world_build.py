@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors import safe_open
 from transformers import CLIPModel, CLIPTextModel
 
-from opad import tiny
+from opad.diffusion import schedulers
 from opad.models.tokenizer import build_sd2_tokenizer, prompt_ids
 from opad.world import build, check, clip, component, layout, pool, preset, student, teacher, vae
 from opad.world.classifier import WorldClassifier
@@ -140,7 +140,7 @@ def test_clip_text_embeddings_do_not_depend_on_padding_past_the_end_token():
 
 
 def test_distillation_pairs_and_student_outputs_are_what_the_diffusers_pipelines_sample():
-    """The student learns teacher latents drawn by opad.diffusion; they must be the latents the
+    """The student learns teacher latents drawn by opad.diffusion.schedule; they must be the latents the
     check's pipelines (diffusers' own DDIM and Euler loops) produce from the same noise."""
     torch.manual_seed(11)
     text_encoder = CLIPTextModel(clip.text_config()).eval()
@@ -150,10 +150,10 @@ def test_distillation_pairs_and_student_outputs_are_what_the_diffusers_pipelines
         uncond = text_encoder(prompt_ids(tok, [""]))[0]
     noise = torch.randn(2, 4, 16, 16)
     for unet, scheduler, ours, kw in (
-        (teacher.make_unet(), tiny.teacher_scheduler(),
+        (teacher.make_unet(), schedulers.teacher_scheduler(),
          lambda u: student.teacher_x0(u, noise, cond, uncond, steps=3, guidance=7.5),
          dict(num_inference_steps=3, guidance_scale=7.5, negative_prompt_embeds=uncond.expand_as(cond))),
-        (student.make_unet(), tiny.student_scheduler(), lambda u: student.student_x0(u, noise, cond),
+        (student.make_unet(), schedulers.student_scheduler(), lambda u: student.student_x0(u, noise, cond),
          dict(num_inference_steps=1, guidance_scale=0.0)),
     ):
         unet.eval()

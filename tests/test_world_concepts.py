@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from opad.dreambench import read_dreambench
-from opad.eval_metrics import prompt_type
+from opad.evaluation.dreambench import read_dreambench
+from opad.evaluation.metrics import prompt_type
 from opad.world import concepts
 from opad.world.contexts import CONTEXTS
 from opad.world.scenes import COLOURS, CONCEPT_ATTRIBUTES, PATTERNS, world_scenes

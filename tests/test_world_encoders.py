@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opad.backbones import build_backbone
 from opad.errors import OpadError
-from opad.eval_encoders import DinoEncoder
+from opad.evaluation.encoders import DinoEncoder
+from opad.models.backbones import build_backbone
 from opad.world import check, encoders, pool
 from opad.world.layout import SHIPPED
 from opad.world.scenes import render, repose, world_scenes

@@ -15,7 +15,7 @@ MARGIN = 0.15
 
 
 def test_thirty_opad_steps_raise_the_heldout_encoder_similarity_to_the_concept_photos(tmp_path, monkeypatch):
-    from opad.trainer import build_trainer
+    from opad.train.loop import build_trainer
 
     monkeypatch.setenv("OPAD_PRESET", "world")
     trainer = build_trainer(TrainConfig(output_dir=str(tmp_path / "run"), max_steps=30, preview_every=10**6,

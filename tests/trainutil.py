@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
+from opad.concept.folder import kv_parameters
 from opad.config import TrainConfig
-from opad.models.concept import kv_parameters
 
 FAST = dict(max_steps=4, batch_size=2, preview_every=2, checkpoint_every=2, preview_teacher_steps=2,
             swd_projections=16, collab_start=None)
@@ -29,7 +29,7 @@ def make_cfg(out_dir, **overrides) -> TrainConfig:
 
 
 def make_trainer(out_dir, **overrides):
-    from opad.trainer import build_trainer
+    from opad.train.loop import build_trainer
 
     return build_trainer(make_cfg(out_dir, **overrides), progress=False)
 

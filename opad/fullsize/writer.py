@@ -37,11 +37,12 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
 from opad.errors import OpadError
 from opad.fsutil import check_can_create, staged_dir
 from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import build_sd2_tokenizer
-from opad.tiny import _compact_json, student_scheduler, teacher_scheduler
+from opad.presets.tiny import _compact_json
 
 SEED = 20261
 PARTS = ("teacher", "student", "backbones")
@@ -124,7 +125,7 @@ def build_backbones(*, empty: bool = True) -> dict[str, nn.Module]:
     """The paper's backbones by ``BACKBONE_FILES`` key."""
     import timm
 
-    from opad.backbones import ImageProjection, _clip_vision_tower
+    from opad.models.backbones import ImageProjection, _clip_vision_tower
 
     with _empty(empty):
         clip = _clip_vision_tower(CLIP_ARCH)

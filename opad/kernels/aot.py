@@ -96,15 +96,15 @@ def _interpreted() -> type:
 def swd_patch_sizes() -> list[int]:
     """The patch sizes opad uses by default: the trainer's --swd-patch and ms_swd's default (both 11)."""
     from opad.config import TrainConfig
-    from opad.losses import ms_swd
+    from opad.train.losses import ms_swd
 
     return sorted({TrainConfig.swd_patch, inspect.signature(ms_swd).parameters["patch_size"].default})
 
 
 def variants() -> list[Variant]:
     """Every launch the wrappers of :data:`KERNEL_MODULES` can make."""
-    from opad.kernels import kv_proj, swd
     from opad.kernels import _kv_proj_triton as kv
+    from opad.kernels import kv_proj, swd
 
     out = []
     S = "opad.kernels.swd"

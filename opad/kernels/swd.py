@@ -1,6 +1,6 @@
 """Fused sliced-Wasserstein core of MS-SWD: the Triton kernels, their host wrapper and autograd.
 
-The reference is :func:`opad.losses.swd_sorted_l1_reference`: conv2d of the reflect-padded image
+The reference is :func:`opad.train.losses.swd_sorted_l1_reference`: conv2d of the reflect-padded image
 with P unit directions (P, C, k, k), a sort of each direction's H*W values, and the mean of
 |sorted x - sorted y|. Here:
 
@@ -273,13 +273,13 @@ class SwdSortedL1(torch.autograd.Function):
 
 
 def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor, register_sort_max: int | None = None) -> Tensor:
-    """Triton version of :func:`opad.losses.swd_sorted_l1_reference`; y gets no gradient.
+    """Triton version of :func:`opad.train.losses.swd_sorted_l1_reference`; y gets no gradient.
 
     Levels of at most ``register_sort_max`` pixels (default :data:`REGISTER_SORT_MAX`; never more
     than :data:`REGISTER_SORT_CAP`) sort in registers, larger ones with torch's segmented sort. A NaN
     in x or y makes that item's loss NaN, as in the reference (torch.sort puts NaNs last).
     """
-    from opad.losses import _pad  # the reference's padding rule (reflect, replicate when tiny)
+    from opad.train.losses import _pad  # the reference's padding rule (reflect, replicate when tiny)
 
     if x.shape != y.shape or x.dim() != 4 or projections.dim() != 4 or projections.shape[1] != x.shape[1]:
         raise ValueError(f"swd_sorted_l1: x {tuple(x.shape)}, y {tuple(y.shape)} and projections "

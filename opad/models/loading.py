@@ -220,7 +220,7 @@ def load_models(
 
 def teacher_view(bundle: ModelBundle) -> ModelBundle:
     """A student-only bundle whose model is a teacher (``--finetune teacher``) seen as one: its UNet
-    in the teacher's seat with the folder's own DDIM scheduler, for :func:`opad.sampling.sample_teacher`."""
+    in the teacher's seat with the folder's own DDIM scheduler, for :func:`opad.diffusion.sampling.sample_teacher`."""
     src = resolve_source(bundle.student_source, "teacher", TEACHER_PARTS)
     try:
         scheduler = DDIMScheduler.from_pretrained(src.path, subfolder="scheduler", **src.load_kwargs())

@@ -1,7 +1,7 @@
 """One resumable, deterministic training run of a mini-world component (the VAE, the teacher, ...).
 
 A component folder ``OUT/<name>/`` holds ``checkpoints/step-NNNNNN/`` (the newest two, each written
-whole or not at all, :mod:`opad.checkpoint`), ``log.csv`` and, once finished, ``record.json``: where
+whole or not at all, :mod:`opad.train.checkpoint`), ``log.csv`` and, once finished, ``record.json``: where
 and how long it trained. Step ``i`` draws its batch and noise from a generator seeded by
 ``(seed, i)`` alone, so a run cut off and resumed from its last checkpoint reaches the same weights
 as one that never stopped (on the same device and thread count), and loses at most the steps since
@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.errors import OpadError
 from opad.fsutil import write_json
+from opad.train.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 
 RECORD = "record.json"
 

@@ -10,8 +10,8 @@ show a subject at home and its prompts take it elsewhere).
 ``OUT/<subject>/00.png`` … ``04.png`` (64 px) and ``OUT/prompts_and_classes.txt`` in DreamBench's
 format: the subject→class table, then 25 object prompts (20 recontextualizations over the world's
 six contexts, 5 property changes) and the same 25 as its live-subject list (the world has no live
-subjects), so :func:`opad.dreambench.read_dreambench`, ``opad.evaluate --real OUT`` and
-``opad.reproduce --dreambench OUT`` read it unchanged. ``OUT/concepts.json`` records every photo's
+subjects), so :func:`opad.evaluation.dreambench.read_dreambench`, ``opad.evaluation.evaluate --real OUT`` and
+``opad.evaluation.reproduce --dreambench OUT`` read it unchanged. ``OUT/concepts.json`` records every photo's
 scene. Everything is a pure function of this module, like the world itself.
 """
 
@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from opad.cache import cached_folder
 from opad.errors import OpadError
-from opad.fsutil import cached_folder, check_output_folder, staged_dir
+from opad.fsutil import check_output_folder, staged_dir
 from opad.world.contexts import CONTEXTS
 from opad.world.scenes import Scene, render, repose
 
@@ -106,7 +107,7 @@ def write_concepts(out: Path, size: int = 64) -> None:
 
 def concepts_dir() -> Path:
     """The held-out concepts in the cache (``$OPAD_CACHE``), written on first use."""
-    from opad.tiny import cache_root
+    from opad.cache import cache_root
 
     return cached_folder(cache_root() / CONCEPTS_VERSION, write_concepts)
 

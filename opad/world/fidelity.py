@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from opad.diffusion.sampling import sample_student
 from opad.models.loading import ModelBundle
-from opad.sampling import sample_student
 from opad.world import encoders
 from opad.world.layout import SHIPPED
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-from opad.fsutil import cached_folder, file_hash
+from opad.cache import cache_root, cached_folder
+from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
+from opad.fsutil import file_hash
 from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import build_sd2_tokenizer
-from opad.tiny import cache_root, student_scheduler, teacher_scheduler
 from opad.world.clip import load_text_encoder
 from opad.world.layout import SHIPPED, SUMMARY
 

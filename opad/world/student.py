@@ -27,8 +27,14 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from tqdm.auto import tqdm
 
-from opad.diffusion import ddim_sample, guided_prediction, leading_timesteps, turbo_initial_latent, unet_prediction
-from opad.tiny import student_scheduler, teacher_scheduler
+from opad.diffusion.schedule import (
+    ddim_sample,
+    guided_prediction,
+    leading_timesteps,
+    turbo_initial_latent,
+    unet_prediction,
+)
+from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
 from opad.world import component, teacher
 from opad.world.pool import Pool
 
@@ -81,7 +87,7 @@ def draw_pairs(folder: Path, teacher_unet: torch.nn.Module, states: torch.Tensor
             g = component.step_generator(seed + 1000, k)
             which = torch.randint(len(states), (size,), generator=g)
             noise = torch.randn(size, 4, 16, 16, generator=g)
-            with component.autocast(device, bf16):  # the UNet only: opad.diffusion steps in fp32
+            with component.autocast(device, bf16):  # the UNet only: opad.diffusion.schedule steps in fp32
                 x0 = teacher_x0(teacher_unet, noise.to(device), states[which.to(device)], empty, h["teacher_steps"],
                                 h["guidance"]).cpu()
             tmp = path.with_suffix(".tmp.npz")

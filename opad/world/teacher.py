@@ -21,9 +21,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
+from opad.diffusion.schedulers import teacher_scheduler
 from opad.fsutil import file_hash
 from opad.models.tokenizer import build_sd2_tokenizer, prompt_ids
-from opad.tiny import teacher_scheduler
 from opad.world import clip, component
 from opad.world.pool import Pool
 

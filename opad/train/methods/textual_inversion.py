@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from opad.methods.finetune import StudentFinetune
+from opad.train.methods.finetune import StudentFinetune
 
 
 class TextualInversion(StudentFinetune):

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from opad.backbones import IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_encoder
 from opad.errors import OpadError, first_line
 from opad.fsutil import file_hash
+from opad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_encoder
 
 DINO_TIMM = "vit_small_patch16_224.dino"
 CLIP_DEFAULT_ARCH = "ViT-B-32"

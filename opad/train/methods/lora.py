@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from opad.methods.finetune import StudentFinetune
+from opad.train.methods.finetune import StudentFinetune
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_dreambooth_lora.py's
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from opad.fsutil import cached_folder
+from opad.cache import cached_folder
 
 EXAMPLE_VERSION = "example-robot-v1"
 CLASS_NAME = "toy"
@@ -49,7 +49,7 @@ def draw_example_images(seed: int = 7) -> list[Image.Image]:
 
 def example_concept_dir() -> Path:
     """The example images' folder in the cache (written on first use)."""
-    from opad.tiny import cache_root
+    from opad.cache import cache_root
 
     def write(tmp: Path) -> None:
         for i, img in enumerate(draw_example_images()):

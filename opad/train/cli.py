@@ -39,7 +39,7 @@ def run(argv: list[str] | None = None):
         if saved.is_file():
             args.config = str(saved)
     cfg = config_from_args(args)
-    from opad.trainer import build_trainer  # heavy imports after the arguments are known to be valid
+    from opad.train.loop import build_trainer  # heavy imports after the arguments are known to be valid
 
     trainer = build_trainer(cfg)
     trainer.train()

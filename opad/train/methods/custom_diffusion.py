@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from opad.methods.finetune import StudentFinetune
-from opad.models.concept import detach_start_token_kv, enable_kv_training
+from opad.concept.folder import detach_start_token_kv, enable_kv_training
+from opad.train.methods.finetune import StudentFinetune
 
 
 class CustomDiffusion(StudentFinetune):

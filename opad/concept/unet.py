@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from opad.concept.lora import has_adapter
+from opad.concept.tensors import check_finite, check_weight, read_safetensors
 from opad.errors import OpadError
-from opad.models.concept_lora import has_adapter
-from opad.models.concept_tensors import check_finite, check_weight, read_safetensors
 
 UNET_DIR = "unet"
 CONFIG_NAME = "config.json"

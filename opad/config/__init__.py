@@ -16,9 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opad.config.profiles import PROFILES, describe_default, profile_defaults
 from opad.errors import OpadError
 from opad.presets import PRESETS, Preset
-from opad.profiles import PROFILES, describe_default, profile_defaults
 
 DISCRIMINATORS = ("dino_v1", "dino_v2", "clip")
 ID_ENCODERS = DISCRIMINATORS

@@ -3,8 +3,8 @@
 The loop owns the data, the random generators (one per kind of draw, so switching a term off
 changes no other term's randomness, and a resumed run continues bit for bit), logging,
 checkpoints, previews, the non-finite guard with rollbacks, Ctrl-C and resume. The method
-(``--method``, :mod:`opad.methods`) owns its trainable parameters, its optimizers, one iteration
-and the concept it writes: OPAD's three steps are in :mod:`opad.methods.opad`.
+(``--method``, :mod:`opad.train.methods`) owns its trainable parameters, its optimizers, one iteration
+and the concept it writes: OPAD's three steps are in :mod:`opad.train.methods.opad`.
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from opad.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
+from opad.concept.folder import add_modifier_tokens
 from opad.config import TrainConfig
-from opad.data import ConceptData, load_images
+from opad.devices import pick_device
+from opad.diffusion.sampling import encode_prompts
 from opad.errors import OpadError, warn
 from opad.fsutil import check_can_create
-from opad.methods import method_class
-from opad.methods.base import Method, StepOutcome
-from opad.models.concept import add_modifier_tokens
 from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset, run_teacher
-from opad.previews import write_preview
-from opad.runlog import NullLog, RunLog, plot_losses
-from opad.runtime import pick_device
-from opad.sampling import encode_prompts
+from opad.train.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
+from opad.train.data import ConceptData, load_images
+from opad.train.methods import method_class
+from opad.train.methods.base import Method, StepOutcome
+from opad.train.previews import write_preview
+from opad.train.runlog import NullLog, RunLog, plot_losses
 
 RUN_ARTEFACTS = ("concept", "teacher_concept", "samples", "checkpoints", "tensorboard", "log.csv",
                  "loss_curve.png", "config.json")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from opad.config import RESIZE_MODES
 from opad.errors import OpadError, first_line
-from opad.feature_pass import BackboneInput, feature_pass
+from opad.kernels.feature_pass import BackboneInput, feature_pass
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TIMM_NAMES = {

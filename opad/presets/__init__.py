@@ -5,7 +5,7 @@
 - ``world``: the mini world's trained models (:mod:`opad.world`): an SD 2.1-shaped teacher and an
   SD-Turbo-shaped student that draw recognisable 64x64 scenes, its dino_v1 / dino_v2 / clip
   backbones, and a held-out world concept to learn. Training on it visibly learns in minutes.
-- ``tiny``: random models of the same classes (:mod:`opad.tiny`): the fastest way to run every code
+- ``tiny``: random models of the same classes (:mod:`opad.presets.tiny`): the fastest way to run every code
   path, for unit tests; what it draws is noise.
 """
 
@@ -31,13 +31,13 @@ class Preset:
 
 
 def _tiny_folder() -> Path:
-    from opad.tiny import tiny_preset_dir
+    from opad.presets.tiny import tiny_preset_dir
 
     return tiny_preset_dir()
 
 
 def _tiny_concept() -> tuple[Path, str]:
-    from opad.example_concept import CLASS_NAME, example_concept_dir
+    from opad.presets.example_concept import CLASS_NAME, example_concept_dir
 
     return example_concept_dir(), CLASS_NAME
 

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw
 
+from opad.diffusion.sampling import sample_student, sample_teacher
 from opad.generate import to_pil
 from opad.models.loading import teacher_view
-from opad.sampling import sample_student, sample_teacher
 
 if TYPE_CHECKING:
-    from opad.trainer import Trainer
+    from opad.train.loop import Trainer
 
 _HEADER = 14
 _MIN_SIDE = 128  # smaller images (the mini world's 64 px) are shown enlarged, pixel for pixel

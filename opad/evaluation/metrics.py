@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from opad.dreambench import DreamBench
+from opad.evaluation.dreambench import DreamBench
 
 PAIRINGS = ("all", "single")
 MODIFIER = re.compile(r"<[^<>\s]+>")  # <new1>-style modifier tokens

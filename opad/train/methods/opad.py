@@ -24,20 +24,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from opad import losses
-from opad.backbones import DiscriminatorHead, FrozenBackbone, backbone_features, build_backbone
+from opad.concept.folder import detach_start_token_kv, enable_kv_training, save_concept
 from opad.config import DISCRIMINATORS
-from opad.data import Batch
-from opad.diffusion import add_noise, c_weight, teacher_x0
+from opad.diffusion.sampling import decode_latents, student_denoise
+from opad.diffusion.schedule import add_noise, c_weight, teacher_x0
 from opad.errors import OpadError
-from opad.methods.base import Method, StepOutcome
-from opad.models.concept import detach_start_token_kv, enable_kv_training, save_concept
+from opad.models.backbones import DiscriminatorHead, FrozenBackbone, backbone_features, build_backbone
 from opad.presets import Preset
-from opad.sampling import decode_latents, student_denoise
-from opad.tokens import TrainableTokenRows
+from opad.train import losses
+from opad.train.data import Batch
+from opad.train.methods.base import Method, StepOutcome
+from opad.train.token_rows import TrainableTokenRows
 
 if TYPE_CHECKING:
-    from opad.trainer import Trainer
+    from opad.train.loop import Trainer
 
 
 @dataclass

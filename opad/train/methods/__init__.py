@@ -11,12 +11,12 @@ from opad.config import METHODS
 
 # --method -> module:class (opad.config.METHODS lists the same names, for the CLI)
 _CLASSES = {
-    "opad": "opad.methods.opad:OpadMethod",
-    "teacher-first": "opad.methods.teacher_first:TeacherFirstMethod",
-    "custom-diffusion": "opad.methods.custom_diffusion:CustomDiffusion",
-    "dreambooth": "opad.methods.dreambooth:DreamBooth",
-    "lora": "opad.methods.lora:Lora",
-    "textual-inversion": "opad.methods.textual_inversion:TextualInversion",
+    "opad": "opad.train.methods.opad:OpadMethod",
+    "teacher-first": "opad.train.methods.teacher_first:TeacherFirstMethod",
+    "custom-diffusion": "opad.train.methods.custom_diffusion:CustomDiffusion",
+    "dreambooth": "opad.train.methods.dreambooth:DreamBooth",
+    "lora": "opad.train.methods.lora:Lora",
+    "textual-inversion": "opad.train.methods.textual_inversion:TextualInversion",
 }
 assert set(_CLASSES) == set(METHODS)
 

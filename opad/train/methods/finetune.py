@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from opad.methods.base import Method, StepOutcome
-from opad.models.concept import save_concept
-from opad.tokens import TrainableTokenRows
+from opad.concept.folder import save_concept
+from opad.train.methods.base import Method, StepOutcome
+from opad.train.token_rows import TrainableTokenRows
 
 if TYPE_CHECKING:
-    from opad.trainer import Trainer
+    from opad.train.loop import Trainer
 
 
 class StudentFinetune(Method):
-    concept_format = ""  # opad.models.concept's format name of the concept it writes
+    concept_format = ""  # opad.concept.folder's format name of the concept it writes
     trains_token = True  # the modifier token's embedding row trains too
 
     def __init__(self, loop: "Trainer") -> None:

@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from opad.concept.tensors import check_finite, check_float, read_safetensors
 from opad.errors import OpadError
-from opad.models.concept_tensors import check_float, check_finite, read_safetensors
 
 
 def token_file(concept_dir: Path, token: str) -> Path:

@@ -23,8 +23,8 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from opad.concept.tensors import check_float, read_safetensors, read_safetensors_metadata
 from opad.errors import OpadError, first_line
-from opad.models.concept_tensors import check_float, read_safetensors, read_safetensors_metadata
 
 LORA_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 PREFIX = "unet"  # diffusers' key prefix of the UNet's LoRA weights

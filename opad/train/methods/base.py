@@ -1,4 +1,4 @@
-"""What a training method supplies to the shared loop (:class:`opad.trainer.Trainer`).
+"""What a training method supplies to the shared loop (:class:`opad.train.loop.Trainer`).
 
 The loop owns the data, the random generators, logging, checkpoints, previews, the non-finite
 guard, rollbacks and resume. A method owns its trainable parameters, their optimizers, one
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from opad.data import Batch
-from opad.diffusion import add_noise, unet_prediction, velocity
+from opad.diffusion.schedule import add_noise, unet_prediction, velocity
+from opad.train.data import Batch
 
 if TYPE_CHECKING:
-    from opad.trainer import Trainer
+    from opad.train.loop import Trainer
 
 
 @dataclass

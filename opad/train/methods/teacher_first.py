@@ -14,9 +14,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from opad.methods.base import StepOutcome
-from opad.methods.opad import OpadMethod
-from opad.sampling import sample_teacher
+from opad.diffusion.sampling import sample_teacher
+from opad.train.methods.base import StepOutcome
+from opad.train.methods.opad import OpadMethod
 
 
 class TeacherFirstMethod(OpadMethod):

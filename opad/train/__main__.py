@@ -1,0 +1,5 @@
+import sys
+
+from opad.train.cli import main
+
+sys.exit(main())
