@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from opad.evaluation import reproduce
+from opad.evaluation.reproduce import tables
 from opad.world.concepts import CONCEPTS
 
 # OPAD and one baseline (another concept format through generate); teacher-first is a method like them
@@ -164,7 +165,7 @@ def test_paired_differences_average_seeds_then_pair_subjects(tmp_path):
     dino = {("s1", "opad"): (0.5, 0.7), ("s1", "lora"): (0.2, 0.2), ("s2", "opad"): (0.4, 0.4), ("s2", "lora"): (0.5, 0.5),
             ("s3", "opad"): (0.9, 0.9), ("s3", "lora"): (0.1, 0.3)}
     done = {(s, a, seed): {"scores": {"1": {"dino": values[seed]}}} for (s, a), values in dino.items() for seed in (0, 1)}
-    text = reproduce._paired(done, plan, ["dino"])
+    text = tables._paired(done, plan, ["dino"])
     # s1: 0.6 - 0.2, s2: 0.4 - 0.5, s3: 0.9 - 0.2 -> mean (0.4 - 0.1 + 0.7) / 3 = 0.333, above 0 in 2 of 3
     assert "| opad − lora | +0.333 [" in text and "(2/3) |" in text
-    assert reproduce._paired({k: v for k, v in done.items() if k[0] == "s1"}, plan, ["dino"]) == ""  # one subject
+    assert tables._paired({k: v for k, v in done.items() if k[0] == "s1"}, plan, ["dino"]) == ""  # one subject
