@@ -38,7 +38,6 @@ from opad.concept.tokens import (
     add_modifier_tokens,
     append_embeddings,
     checked_embeddings,
-    mask_embedding_grad,
     token_file,
     token_rows,
     write_token_rows,
@@ -57,7 +56,7 @@ _K, _V = "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight"
 __all__ = [
     "FORMATS", "KV_FORMATS", "LORA_NAME", "META_NAME", "WEIGHTS_NAME", "ConceptWeights", "add_modifier_tokens",
     "concept_format", "concept_state_dict", "cross_attention_layers", "detach_start_token_kv",
-    "enable_kv_training", "kv_parameters", "load_concept", "mask_embedding_grad", "read_concept", "save_concept",
+    "enable_kv_training", "kv_parameters", "load_concept", "read_concept", "save_concept",
 ]
 
 

@@ -66,19 +66,6 @@ def add_modifier_tokens(
     return append_embeddings(tokenizer, text_encoder, tokens, [table[i].detach().clone() for i in init_ids])
 
 
-def mask_embedding_grad(text_encoder: CLIPTextModel, token_ids: list[int]) -> torch.utils.hooks.RemovableHandle:
-    """Make the token-embedding table trainable but zero every gradient row except ``token_ids``.
-
-    One boolean row mask covers any number of tokens (Custom Diffusion's script masked the last
-    of several tokens by an off-by-one).
-    """
-    weight = text_encoder.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    keep[torch.as_tensor(token_ids, device=weight.device)] = 1
-    return weight.register_hook(lambda grad: grad * keep)
-
-
 def token_rows(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, tokens: list[str],
                where: str) -> dict[str, torch.Tensor]:
     """Each added token's embedding row (fp32, CPU), checked finite, to be saved."""
