@@ -102,6 +102,7 @@ setup(
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],
+        "docs": ["mkdocs-material>=9"],  # the docs/ site; tests/test_docs.py builds it with --strict
     },
     entry_points={"console_scripts": ["opad=opad.cli:main"]},
     **_extension_build(),

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a <new1> toy", "a <new1> toy on the beach"]
 
 
-def test_readme_table_is_the_profile_table():
-    assert markdown_table() in (REPO / "README.md").read_text()
+def test_docs_table_is_the_profile_table():
+    assert markdown_table() in (REPO / "docs" / "training.md").read_text()
 
 
 def test_profile_fills_only_unset_fields_and_config_json_records_everything(tiny_dir, tmp_path):

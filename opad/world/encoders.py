@@ -8,19 +8,13 @@ own model folder, ``config.json`` (architecture, its arguments, input size and n
 ``model.safetensors``, which ``timm.create_model("local-dir:DIR")`` reads; so the input size is the
 backbone's own config (64 px here, 224 and 518 for the real ones).
 
-Each objective sees two views of one object: a mild crop of its scene and one of the same object
-re-posed in another context, which the world's renderer draws (real self-supervised data gets such
-pairs from the many photos of one thing). Earlier runs taught why. Crops of one scene share its
-background, so DINO on them learned the context (an object's photo was less like its re-posed photo
-than like other objects of its class: 46.5%, chance 50%). DINO on re-posed pairs drifted to its
-uniform collapse. SimCLR on re-posed pairs learned the object (96%) but led with colour: k-nearest
-neighbours named the class of only 37% of held-out scenes. So every encoder now also has a caption
-term: LiT's locked-text contrastive loss (Zhai et al., 2022), which matches the image's embedding to
-its caption's, from the world clip's frozen text tower, among all of the world's distinct captions.
-A caption names class, colour, pattern and context, so the features must carry the class. With it,
-DINO on re-posed pairs no longer collapses (the combination is SLIP's recipe, Mu et al., 2022, with
-DINO or SimCLR as the self-supervised half). Crops keep 80-100% of the scene, since a class shows in
-its silhouette, which tight crops cut.
+Each objective sees two views of one object: a mild crop of its scene (80-100% of it: a class shows
+in its silhouette, which tight crops cut) and one of the same object re-posed in another context,
+which the world's renderer draws. Each also has a caption term: LiT's locked-text contrastive loss
+(Zhai et al., 2022), matching the image's embedding to its caption's, from the world clip's frozen
+text tower, among all of the world's distinct captions; a caption names the class, so the features
+must carry it (self-supervision plus a caption term is SLIP's recipe, Mu et al., 2022). The runs that
+led here, with their numbers: docs/world.md, "Earlier runs".
 
 Objectives:
 
@@ -36,8 +30,8 @@ Objectives:
 
 The views also flip and jitter brightness and contrast, but keep hue: in this world colour names
 an instance ("a red mug"), and an encoder taught to ignore it could not tell two instances apart.
-DINO's multi-crop (small local crops) is in the code (``local_crops``) but off: without the caption
-term it did not help within 300 steps, and it triples a step's cost.
+DINO's multi-crop (small local crops) is in the code (``local_crops``) but off: it triples a step's
+cost and did not help (docs/world.md, "Earlier runs").
 """
 
 from __future__ import annotations
