@@ -18,7 +18,7 @@ from opad.concept.folder import load_concept
 from opad.config import MAX_SEED
 from opad.devices import pick_device, pick_dtype
 from opad.diffusion.sampling import STUDENT_STEPS, sample_student
-from opad.errors import OpadError, warn
+from opad.errors import OpadError, command_main, warn
 from opad.fsutil import check_output_folder, staged_dir
 from opad.models.loading import ModelBundle, load_models
 
@@ -134,13 +134,10 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(f"wrote {args.num_images} image(s) and generation.json to {out}")
     return 0
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from opad.cache import cache_root
 from opad.devices import pick_device
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.evaluation.dreambench import DreamBench, read_dreambench
 from opad.evaluation.encoders import CLIP_DEFAULT_ARCH, Encoder, clip_encoder, dino_encoder
 from opad.evaluation.metrics import (
@@ -277,13 +277,10 @@ def _options(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = evaluate(args)
-    except OpadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = evaluate(args)
     summary = json.loads((out / "summary.json").read_text())
     scores = "  ".join(f"{m} {summary[m]:.3f}" for m in METRICS if m in summary)
     print(f"{scores}  ({summary['images']} images, {summary['subjects']} subjects) -> {out}")

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.fsutil import check_can_create, staged_dir
 from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import build_sd2_tokenizer
@@ -296,6 +296,7 @@ def _teacher_scheduler():
     return scheduler
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m opad.fullsize",
@@ -312,12 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = tuple(p.strip() for p in args.only.split(",") if p.strip())
     start = time.perf_counter()
-    try:
-        print(f"writing the full-size preset to {args.out_dir} ({args.dtype})", file=sys.stderr)
-        out = write_fullsize(args.out_dir, dtype=args.dtype, only=only, seed=args.seed)
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"writing the full-size preset to {args.out_dir} ({args.dtype})", file=sys.stderr)
+    out = write_fullsize(args.out_dir, dtype=args.dtype, only=only, seed=args.seed)
     print(f"wrote {', '.join(only)} under {out} ({_size(out) / 2**30:.2f} GiB, "
           f"{time.perf_counter() - start:.0f} s)")
     if "backbones" in only:

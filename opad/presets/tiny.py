@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from opad.cache import cache_root
 from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.fsutil import check_can_create, staged_dir
 from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer
@@ -142,6 +142,7 @@ def tiny_preset_dir() -> Path:
     return path
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m opad.tiny",
@@ -151,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", help="folder to create (must not exist)")
     args = parser.parse_args(argv)
-    try:
-        path = write_tiny_preset(args.out_dir)
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = write_tiny_preset(args.out_dir)
     print(f"wrote {path / 'teacher'} and {path / 'student'}")
     return 0
 

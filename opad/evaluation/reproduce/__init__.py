@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from opad.errors import OpadError
+from opad.errors import command_main
 from opad.evaluation.reproduce.jobs import run_harness, run_job
 from opad.evaluation.reproduce.plan import ARMS, PAPER, WORLD_ARMS, Arm, Plan, apply_world, build_parser, check_args
 
@@ -28,19 +28,16 @@ __all__ = ["ARMS", "PAPER", "WORLD_ARMS", "Arm", "Plan", "apply_world", "build_p
            "run_job"]
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        apply_world(args)
-        if args.job:
-            subject, arm, seed = args.job
-            run_job(args, subject, arm, int(seed))
-            return 0
-        out = run_harness(args, argv)
-    except OpadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    apply_world(args)
+    if args.job:
+        subject, arm, seed = args.job
+        run_job(args, subject, arm, int(seed))
+        return 0
+    out = run_harness(args, argv)
     print((out / "table.md").read_text())
     print(f"table, per-subject results and grids in {out}")
     return 0
