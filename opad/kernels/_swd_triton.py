@@ -1,8 +1,10 @@
-"""Fused sliced-Wasserstein core of MS-SWD: the Triton kernels, their host wrapper and autograd.
+"""The Triton half of :mod:`opad.kernels.swd` (imported only when the kernel is chosen).
 
-The reference is :func:`opad.train.losses.swd_sorted_l1_reference`: conv2d of the reflect-padded image
+Fused sliced-Wasserstein core of MS-SWD: the kernels and their host wrappers. The
+reference is :func:`opad.kernels.swd.swd_sorted_l1_reference`: conv2d of the reflect-padded image
 with P unit directions (P, C, k, k), a sort of each direction's H*W values, and the mean of
-|sorted x - sorted y|. Here:
+|sorted x - sorted y|. :mod:`opad.kernels.swd` pads the images (its padding rule) and its
+autograd, ``SwdSortedL1``, calls :func:`forward` and :func:`backward`. Here:
 
 * ``_project_kernel`` computes the projections as an implicit GEMM straight from the padded
   image (no unfolded patch tensor); directions are processed in chunks so only a chunk's
@@ -226,9 +228,10 @@ def _sorted_diff(px: Tensor, py: Tensor, sign: Tensor, p0: int, register_sort_ma
     return partial.sum(dim=(1, 2), dtype=torch.float64)
 
 
-def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, k: int, H: int, W: int,
+def forward(xpad: Tensor, ypad: Tensor, w: Tensor, k: int, H: int, W: int,
              register_sort_max: int) -> tuple[Tensor, Tensor]:
-    """Per-item loss (B,) and the int8 signs (B, P, H*W) in x's original (unsorted) order."""
+    """Per-item loss (B,) and the int8 signs (B, P, H*W) in x's original (unsorted) order: the
+    forward of :class:`opad.kernels.swd.SwdSortedL1` (w: the directions flattened, fp32)."""
     B, P, N = xpad.shape[0], w.shape[0], H * W
     sign = torch.empty(B, P, N, device=xpad.device, dtype=torch.int8)
     total = torch.zeros(B, device=xpad.device, dtype=torch.float64)
@@ -238,7 +241,8 @@ def _forward(xpad: Tensor, ypad: Tensor, w: Tensor, k: int, H: int, W: int,
     return (total / (P * N)).to(torch.float32), sign
 
 
-def _backward(sign: Tensor, scale: Tensor, w: Tensor, k: int, C: int, Hp: int, Wp: int, H: int, W: int) -> Tensor:
+def backward(sign: Tensor, scale: Tensor, w: Tensor, k: int, C: int, Hp: int, Wp: int, H: int, W: int) -> Tensor:
+    """The gradient of the padded x (B, C, Hp, Wp) from the signs, each item's scaled by ``scale[b]``."""
     B, P = sign.shape[0], w.shape[0]
     out = torch.empty(B, C, Hp, Wp, device=sign.device, dtype=torch.float32)
     with on_device(sign.device):
@@ -247,44 +251,3 @@ def _backward(sign: Tensor, scale: Tensor, w: Tensor, k: int, C: int, Hp: int, W
             KS=k, BLOCK_C=project_back_block_c(C), **PROJECT_BACK_BLOCKS, num_warps=NUM_WARPS)
     return out
 
-
-class SwdSortedL1(torch.autograd.Function):
-    """loss[b] = mean over directions and pixels of |sort(proj x) - sort(proj y)|; grad to x only."""
-
-    @staticmethod
-    def forward(ctx, xpad: Tensor, ypad: Tensor, projections: Tensor, H: int, W: int,
-                register_sort_max: int) -> Tensor:
-        k = projections.shape[-1]
-        w = projections.detach().flatten(1).float().contiguous()
-        loss, sign = _forward(xpad.detach().float().contiguous(), ypad.detach().float().contiguous(), w, k, H, W,
-                              register_sort_max)
-        ctx.save_for_backward(sign, w)
-        ctx.shape = (k, *xpad.shape[1:], H, W)
-        ctx.dtype = xpad.dtype
-        return loss.to(xpad.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        sign, w = ctx.saved_tensors
-        k, C, Hp, Wp, H, W = ctx.shape
-        scale = (grad_loss.float() / (w.shape[0] * H * W)).contiguous()
-        grad = _backward(sign, scale, w, k, C, Hp, Wp, H, W)
-        return grad.to(ctx.dtype), None, None, None, None, None
-
-
-def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor, register_sort_max: int | None = None) -> Tensor:
-    """Triton version of :func:`opad.train.losses.swd_sorted_l1_reference`; y gets no gradient.
-
-    Levels of at most ``register_sort_max`` pixels (default :data:`REGISTER_SORT_MAX`; never more
-    than :data:`REGISTER_SORT_CAP`) sort in registers, larger ones with torch's segmented sort. A NaN
-    in x or y makes that item's loss NaN, as in the reference (torch.sort puts NaNs last).
-    """
-    from opad.train.losses import _pad  # the reference's padding rule (reflect, replicate when tiny)
-
-    if x.shape != y.shape or x.dim() != 4 or projections.dim() != 4 or projections.shape[1] != x.shape[1]:
-        raise ValueError(f"swd_sorted_l1: x {tuple(x.shape)}, y {tuple(y.shape)} and projections "
-                         f"{tuple(projections.shape)} do not match (B, C, H, W) and (P, C, k, k)")
-    p = projections.shape[-1] // 2
-    H, W = x.shape[-2:]
-    limit = REGISTER_SORT_MAX if register_sort_max is None else register_sort_max
-    return SwdSortedL1.apply(_pad(x, p), _pad(y.detach(), p), projections, H, W, limit)
