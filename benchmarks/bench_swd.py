@@ -8,9 +8,9 @@ reference is timed: the kernel runs on the CPU only in Triton's interpreter, whi
     python benchmarks/bench_swd.py --sort-sweep    # GPU: in-register vs torch sort per level size
 
 The sweep times the kernel's sort-and-reduce step alone for one chunk of directions at every
-pyramid level's size (rows swd_sort, providers registers|torch): opad.kernels.swd.REGISTER_SORT_MAX
+pyramid level's size (rows swd_sort, providers registers|torch): opad.kernels._swd_triton.REGISTER_SORT_MAX
 should be the largest size at which registers win. The register sort is timed only up to
-opad.kernels.swd.REGISTER_SORT_CAP (4096), the largest size it compiles for without spilling
+opad.kernels._swd_triton.REGISTER_SORT_CAP (4096), the largest size it compiles for without spilling
 (benchmarks/kernel_resources.csv); larger levels time torch's sort alone.
 """
 
@@ -61,7 +61,7 @@ def sort_sweep(args, device: torch.device) -> int:
     if device.type != "cuda":
         print("error: --sort-sweep times Triton kernels and needs a CUDA GPU", file=sys.stderr)
         return 2
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton as swd  # the kernel's own sort step
 
     g = torch.Generator(device=device).manual_seed(0)
     rows = []

@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel variant of opad, for sm_80 and sm_90.
 
 Compiles, without a GPU, every launch the wrappers can make (opad.kernels.aot: the register sort
-at every block size up to opad.kernels.swd.REGISTER_SORT_CAP with its warp count, the projections at
+at every block size up to opad.kernels._swd_triton.REGISTER_SORT_CAP with its warp count, the projections at
 the patch sizes in use, the K/V kernels for every context/weight dtype pair) and writes one row per
 kernel variant and arch to benchmarks/kernel_resources.csv (replaced, not appended: the table
 describes the code as it is). Exits 1 on a compile error or a register spill.

@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from opad.concept.folder import enable_kv_training
 from opad.errors import OpadError
-from opad.kernels import dispatch, kv_proj
+from opad.kernels import dispatch, kv_proj, swd
 from opad.models.attention import fused_kv, install_fused_kv
 from opad.train import losses
 
@@ -115,9 +115,9 @@ def _swd_inputs(batch, height, width, num, patch, seed, lattice=False):
 
 def _swd_both(x, y, proj):
     weights = torch.rand(x.shape[0], device=DEVICE) + 0.5  # a different upstream gradient per item
-    loss = losses.swd_sorted_l1(x, y, proj)
+    loss = swd.swd_sorted_l1(x, y, proj)
     (grad,) = torch.autograd.grad((loss * weights).sum(), x)
-    ref = losses.swd_sorted_l1_reference(x, y, proj)
+    ref = swd.swd_sorted_l1_reference(x, y, proj)
     (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
     assert loss.shape == (x.shape[0],) and ref.abs().min() > 0 and ref_grad.abs().max() > 0
     return loss, grad, ref, ref_grad
@@ -133,25 +133,25 @@ def small_register_sorts(monkeypatch):
     """The interpreter's tl.sort is slow (about 1 s a direction at 1024 values): sort only tiny
     levels in registers there. On a GPU the module's own threshold stands."""
     if dispatch.interpreting():
-        from opad.kernels import swd
+        from opad.kernels import _swd_triton
 
-        monkeypatch.setattr(swd, "REGISTER_SORT_MAX", 256)
+        monkeypatch.setattr(_swd_triton, "REGISTER_SORT_MAX", 256)
 
 
 @pytest.fixture(params=["registers", "torch"])
 def sort_path(request, monkeypatch):
     """Run a test once with every level sorted in registers and once with torch's sort."""
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton
 
-    monkeypatch.setattr(swd, "REGISTER_SORT_MAX", 1 << 20 if request.param == "registers" else 0)
+    monkeypatch.setattr(_swd_triton, "REGISTER_SORT_MAX", 1 << 20 if request.param == "registers" else 0)
     return request.param
 
 
 @pytest.mark.parametrize("shape", SWD_SHAPES)
 def test_swd_forward_and_x_gradient_equal_the_reference(shape, triton_mode, monkeypatch):
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton
 
-    monkeypatch.setattr(swd, "REGISTER_SORT_MAX", 0)  # torch's sort; the next test sorts in registers
+    monkeypatch.setattr(_swd_triton, "REGISTER_SORT_MAX", 0)  # torch's sort; the next test sorts in registers
     loss, grad, ref, ref_grad = _swd_both(*_swd_inputs(*shape, seed=sum(shape), lattice=True))
     assert rel_err(loss, ref) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-5
@@ -161,9 +161,9 @@ def test_swd_forward_and_x_gradient_equal_the_reference(shape, triton_mode, monk
 @pytest.mark.parametrize("shape", [(1, 13, 17, 6, 5), (2, 6, 9, 8, 11), (1, 5, 7, 33, 3)])
 @pytest.mark.parametrize("lattice", [True, False])
 def test_swd_sorted_in_registers_equals_the_reference(shape, lattice, triton_mode, monkeypatch):
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton
 
-    monkeypatch.setattr(swd, "REGISTER_SORT_MAX", 1 << 20)
+    monkeypatch.setattr(_swd_triton, "REGISTER_SORT_MAX", 1 << 20)
     loss, grad, ref, ref_grad = _swd_both(*_swd_inputs(*shape, seed=sum(shape), lattice=lattice))
     assert rel_err(loss, ref) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-5
@@ -178,17 +178,15 @@ def test_swd_with_unit_directions_equals_the_reference(shape, triton_mode):
 
 def test_swd_of_identical_images_is_zero_with_zero_gradient(sort_path, triton_mode):
     x, _, proj = _swd_inputs(2, 9, 14, 12, 5, seed=3)
-    loss = losses.swd_sorted_l1(x, x.detach().clone(), proj)
+    loss = swd.swd_sorted_l1(x, x.detach().clone(), proj)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_swd_kernel_gives_y_no_gradient_and_keeps_only_int8_signs(triton_mode):
-    from opad.kernels import swd
-
     x, y, proj = _swd_inputs(2, 13, 21, 10, 3, seed=5)
     y.requires_grad_(True)
-    loss = swd.swd_sorted_l1(x, y, proj)
+    loss = swd.swd_sorted_l1_triton(x, y, proj)
     saved = loss.grad_fn.saved_tensors
     assert {t.dtype for t in saved} == {torch.int8, torch.float32}
     assert all(t.numel() < 2 * 10 * 13 * 21 for t in saved if t.dtype != torch.int8)  # no fp32 projections
@@ -200,11 +198,11 @@ def test_swd_through_the_switch_falls_back_when_y_wants_a_gradient(monkeypatch):
     x, y, proj = _swd_inputs(1, 11, 14, 6, 3, seed=7)
     y.requires_grad_(True)
     monkeypatch.setenv("OPAD_KERNELS", "auto")
-    losses.swd_sorted_l1(x, y, proj).sum().backward()
+    swd.swd_sorted_l1(x, y, proj).sum().backward()
     assert y.grad is not None  # the reference took it
     monkeypatch.setenv("OPAD_KERNELS", "triton")
     with pytest.raises(OpadError, match="no gradient for y"):
-        losses.swd_sorted_l1(x, y, proj)
+        swd.swd_sorted_l1(x, y, proj)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -261,14 +259,14 @@ def _sorted_diff_reference(px, py, p0, total_directions):
 
 @pytest.mark.parametrize("length", [37, 64])  # padded to 64, and exactly a power of two
 def test_sort_with_nan_and_inf_writes_every_sign_once_and_nothing_outside(length, sort_path):
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton
 
     batch, n, p0, guard = 4, 3, 1, 256
     px, py = _projections_with_nans(batch, n, length, seed=length)
     total = n + 2  # directions p0 - 1 and p0 + n belong to other chunks: the kernel must not touch them
     buffer = torch.full((2 * guard + batch * total * length,), POISON, dtype=torch.int8, device=DEVICE)
     sign = buffer[guard:guard + batch * total * length].view(batch, total, length)
-    got = swd._sorted_diff(px, py, sign, p0, swd.REGISTER_SORT_MAX)
+    got = _swd_triton._sorted_diff(px, py, sign, p0, _swd_triton.REGISTER_SORT_MAX)
     want, want_sign = _sorted_diff_reference(px, py, p0, total)
     assert torch.all(buffer[:guard] == POISON) and torch.all(buffer[-guard:] == POISON)  # nothing outside
     assert torch.all(sign[:, :p0] == POISON) and torch.all(sign[:, p0 + n:] == POISON)  # nor in other chunks
@@ -286,9 +284,9 @@ def test_swd_loss_with_nan_and_inf_pixels_is_nan_exactly_where_the_reference_is(
     x[2, 0, 3, 4] = float("inf")  # inside, so that no patch holds it twice: +/-inf projections, no NaN
     x.requires_grad_(True)
     weights = torch.rand(x.shape[0], device=DEVICE) + 0.5
-    loss = losses.swd_sorted_l1(x, y, proj)
+    loss = swd.swd_sorted_l1(x, y, proj)
     (grad,) = torch.autograd.grad((loss * weights).sum(), x)
-    ref = losses.swd_sorted_l1_reference(x, y, proj)
+    ref = swd.swd_sorted_l1_reference(x, y, proj)
     (ref_grad,) = torch.autograd.grad((ref * weights).sum(), x)
     assert ref.isnan().tolist() == [True, True, False, False] and ref[2].isinf()
     torch.testing.assert_close(loss, ref, equal_nan=True, rtol=1e-5, atol=0)
@@ -300,7 +298,6 @@ def test_swd_loss_with_nan_and_inf_pixels_is_nan_exactly_where_the_reference_is(
 def test_trainer_guard_skips_the_update_when_the_swd_kernel_gives_nan(tmp_path, monkeypatch):
     """A NaN reaching MS-SWD's kernel (and nothing else) makes the student's loss NaN, which the
     trainer's non-finite guard skips: no update, recorded as student:loss."""
-    from opad.kernels import swd
     from tests.trainutil import make_trainer
 
     monkeypatch.setenv("OPAD_KERNELS", "triton")
@@ -484,7 +481,7 @@ def test_on_device_makes_a_cuda_device_current_and_leaves_cpu_tensors_alone(monk
 def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch):
     import contextlib
 
-    from opad.kernels import _kv_proj_triton, aot, swd
+    from opad.kernels import _kv_proj_triton, _swd_triton, aot
 
     current, launches, warps = [], [], []
 
@@ -496,7 +493,7 @@ def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch
         finally:
             current.pop()
 
-    for module in (swd, _kv_proj_triton):
+    for module in (_swd_triton, _kv_proj_triton):
         monkeypatch.setattr(module, "on_device", recording, raising=False)
     for name, kernel in aot.kernels().items():
         def run(*args, _run=kernel.run, _name=name, **kwargs):
@@ -507,7 +504,7 @@ def test_every_kernel_launch_runs_on_its_tensors_device(triton_mode, monkeypatch
         monkeypatch.setattr(kernel, "run", run)
     for limit in (0, 1 << 20):  # both sort paths
         x, y, proj = _swd_inputs(1, 5, 6, 3, 3, seed=limit % 7)
-        swd.swd_sorted_l1(x, y, proj, register_sort_max=limit).sum().backward()
+        swd.swd_sorted_l1_triton(x, y, proj, register_sort_max=limit).sum().backward()
     x, weights, heads = _kv_inputs(1, 3, 24, True, seed=2)
     outs = kv_proj.kv_project(x, weights, heads)
     torch.autograd.grad(outs, [x, *weights], [torch.ones_like(o) for o in outs])
@@ -531,12 +528,12 @@ def test_kernels_on_the_second_gpu_while_the_first_is_current(monkeypatch):
         x, y, proj = (t.detach().to(second) for t in _swd_inputs(2, 23, 37, 40, 5, seed=1, lattice=True))
         x.requires_grad_(True)
         for limit in (0, 1 << 20):
-            from opad.kernels import swd
+            from opad.kernels import _swd_triton
 
-            monkeypatch.setattr(swd, "REGISTER_SORT_MAX", limit)
-            loss = losses.swd_sorted_l1(x, y, proj)
+            monkeypatch.setattr(_swd_triton, "REGISTER_SORT_MAX", limit)
+            loss = swd.swd_sorted_l1(x, y, proj)
             (grad,) = torch.autograd.grad(loss.sum(), x)
-            ref = losses.swd_sorted_l1_reference(x, y, proj)
+            ref = swd.swd_sorted_l1_reference(x, y, proj)
             (ref_grad,) = torch.autograd.grad(ref.sum(), x)
             assert loss.device == second and rel_err(loss, ref) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
         x, weights, heads = _kv_inputs(3, 11, 24, True, seed=5)

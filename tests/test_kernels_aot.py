@@ -30,7 +30,8 @@ def test_every_triton_kernel_of_opad_is_enumerated():
 
 
 def test_variants_follow_the_wrappers_choices():
-    from opad.kernels import kv_proj, swd
+    from opad.kernels import _swd_triton as swd
+    from opad.kernels import kv_proj
 
     sorts = {v.constexprs["BLOCK"]: v.num_warps for v in aot.variants() if v.kernel.startswith("_sorted_diff")}
     assert max(sorts) == swd.REGISTER_SORT_CAP >= swd.REGISTER_SORT_MAX and min(sorts) == 1
@@ -65,7 +66,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(tmp_path
 
 def test_a_spilling_kernel_is_reported():
     """The check above can fail: the register sort at 8192 values spills at any warp count."""
-    from opad.kernels import swd
+    from opad.kernels import _swd_triton as swd
 
     big = next(v for v in aot.variants() if v.kernel.startswith("_sorted_diff"))
     spilling = aot.Variant(big.module, big.kernel, "BLOCK=8192", big.pointers, {"BLOCK": 8192}, 32)

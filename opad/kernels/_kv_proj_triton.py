@@ -1,4 +1,5 @@
-"""The Triton half of :mod:`opad.kernels.kv_proj` (imported only when the kernel is chosen).
+"""The Triton half of :mod:`opad.kernels.kv_proj` (imported only when the kernel is chosen): the
+kernels and the launches of its autograd's :func:`forward` and :func:`backward`.
 
 The kernels read the weights, and write the outputs, through small device tables (pointers, sizes,
 tile lists). Building one from a Python list is a blocking host-to-device copy, and a training
@@ -191,73 +192,63 @@ class _TableCache:
 TABLES = _TableCache()
 
 
-class KVProject(torch.autograd.Function):
-    """outputs[g] = (x @ weights[g].T) split into heads[g] heads, for every g in one launch.
+def forward(x: Tensor, ws: list[Tensor], heads: list[int]) -> tuple[Tensor, ...]:
+    """The forward of :class:`opad.kernels.kv_proj.KVProject` for a contiguous context (B, S, D) and
+    contiguous weights: one launch; the outputs, in x's dtype, are views into one buffer."""
+    B, S, D = x.shape
+    M = B * S
+    hds = [w.shape[0] // h for w, h in zip(ws, heads)]
+    tables = TABLES.get(ws, hds)
+    buffer = torch.empty(M * sum(w.shape[0] for w in ws), device=x.device, dtype=x.dtype)
+    outs, start = [], 0
+    for w, h in zip(ws, heads):
+        outs.append(buffer[start:start + M * w.shape[0]].view(B, h, S, w.shape[0] // h))
+        start += M * w.shape[0]
+    with on_device(x.device):
+        _kv_forward_kernel[(triton.cdiv(M, BLOCK_M), tables.tile_count)](
+            x, tables.ptrs, buffer, tables.cols, tables.tiles, tables.sizes, tables.hds, M, S, D,
+            DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            num_warps=num_warps(x.dtype))
+    return tuple(outs)
 
-    The product runs in x's dtype (weights are converted as they are loaded, as autocast would
-    cast them); outputs and dX are in x's dtype, each dW in its weight's dtype. The outputs are
-    views into one buffer.
-    """
 
-    @staticmethod
-    def forward(ctx, x: Tensor, heads: list[int], *weights: Tensor) -> tuple[Tensor, ...]:
-        B, S, D = x.shape
-        M = B * S
-        x2 = x.detach().contiguous()
-        ws = [w.detach().contiguous() for w in weights]
-        hds = [w.shape[0] // h for w, h in zip(ws, heads)]
-        tables = TABLES.get(ws, hds)
-        buffer = torch.empty(M * sum(w.shape[0] for w in ws), device=x.device, dtype=x.dtype)
-        outs, start = [], 0
-        for w, h in zip(ws, heads):
-            outs.append(buffer[start:start + M * w.shape[0]].view(B, h, S, w.shape[0] // h))
-            start += M * w.shape[0]
+def backward(x: Tensor, ws: list[Tensor], hds: list[int], grads: tuple[Tensor | None, ...], needs_x: bool,
+             needs_w: tuple[bool, ...]) -> tuple[Tensor | None, list[Tensor | None]]:
+    """(dX, every dW) of :class:`opad.kernels.kv_proj.KVProject`: dW in one launch, dX in a second,
+    each only where wanted; ``hds`` are the weights' head sizes."""
+    B, S, D = x.shape
+    # only the weights that want a gradient and got one take part
+    live = [g for g, gr in enumerate(grads) if gr is not None]
+    want_w = [g for g in live if needs_w[g]]
+    dx_from = live if needs_x else []
+    gouts = {g: grads[g].contiguous() for g in live}
+    dws: list[Tensor | None] = [None] * len(ws)
+    for g in want_w:
+        dws[g] = torch.empty_like(ws[g])
+    if want_w or dx_from:
+        # the pointers that change every call, in one non-blocking upload: gradients and dW for
+        # the dW launch, gradients for the dX launch
+        ptrs = _upload([*(gouts[g].data_ptr() for g in want_w), *(dws[g].data_ptr() for g in want_w),
+                        *(gouts[g].data_ptr() for g in dx_from)], x.device)
+        gout_w, dw_ptrs, gout_x = ptrs.split([len(want_w), len(want_w), len(dx_from)])
+    if want_w:
+        tables = TABLES.get([ws[g] for g in want_w], [hds[g] for g in want_w])
         with on_device(x.device):
-            _kv_forward_kernel[(triton.cdiv(M, BLOCK_M), tables.tile_count)](
-                x2, tables.ptrs, buffer, tables.cols, tables.tiles, tables.sizes, tables.hds, M, S, D,
-                DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                num_warps=num_warps(x.dtype))
-        ctx.save_for_backward(x2, *ws)
-        ctx.hds = hds
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        x, *ws = ctx.saved_tensors
-        B, S, D = x.shape
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
-        # only the weights that want a gradient and got one take part
-        live = [g for g, gr in enumerate(grads) if gr is not None]
-        want_w = [g for g in live if needs_w[g]]
-        dx_from = live if needs_x else []
-        gouts = {g: grads[g].contiguous() for g in live}
-        dws: list[Tensor | None] = [None] * len(ws)
-        for g in want_w:
-            dws[g] = torch.empty_like(ws[g])
-        if want_w or dx_from:
-            # the pointers that change every call, in one non-blocking upload: gradients and dW for
-            # the dW launch, gradients for the dX launch
-            ptrs = _upload([*(gouts[g].data_ptr() for g in want_w), *(dws[g].data_ptr() for g in want_w),
-                            *(gouts[g].data_ptr() for g in dx_from)], x.device)
-            gout_w, dw_ptrs, gout_x = ptrs.split([len(want_w), len(want_w), len(dx_from)])
-        if want_w:
-            tables = TABLES.get([ws[g] for g in want_w], [ctx.hds[g] for g in want_w])
+            _kv_dw_kernel[(tables.tile_count, triton.cdiv(D, BLOCK_K))](
+                x, gout_w, dw_ptrs, tables.tiles, tables.sizes, tables.hds, B * S, S, D,
+                DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                BLOCK_M=BLOCK_M, num_warps=num_warps(x.dtype))
+    for g, w in enumerate(ws):  # a weight that wants a gradient but got no output gradient
+        if needs_w[g] and dws[g] is None:
+            dws[g] = torch.zeros_like(w)
+    dx = None
+    if needs_x:
+        dx = torch.zeros_like(x)
+        if dx_from:
+            tables = TABLES.get([ws[g] for g in dx_from], [hds[g] for g in dx_from])
             with on_device(x.device):
-                _kv_dw_kernel[(tables.tile_count, triton.cdiv(D, BLOCK_K))](
-                    x, gout_w, dw_ptrs, tables.tiles, tables.sizes, tables.hds, B * S, S, D,
-                    DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                    BLOCK_M=BLOCK_M, num_warps=num_warps(x.dtype))
-        for g, w in enumerate(ws):  # a weight that wants a gradient but got no output gradient
-            if needs_w[g] and dws[g] is None:
-                dws[g] = torch.zeros_like(w)
-        dx = None
-        if needs_x:
-            dx = torch.zeros_like(x)
-            if dx_from:
-                tables = TABLES.get([ws[g] for g in dx_from], [ctx.hds[g] for g in dx_from])
-                with on_device(x.device):
-                    _kv_dx_kernel[(triton.cdiv(B * S, BLOCK_M), triton.cdiv(D, BLOCK_K))](
-                        gout_x, tables.ptrs, tables.sizes, tables.hds, len(dx_from), dx, B * S, S, D,
-                        DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                        BLOCK_N=BLOCK_N, num_warps=num_warps(x.dtype))
-        return (dx, None, *dws)
+                _kv_dx_kernel[(triton.cdiv(B * S, BLOCK_M), triton.cdiv(D, BLOCK_K))](
+                    gout_x, tables.ptrs, tables.sizes, tables.hds, len(dx_from), dx, B * S, S, D,
+                    DTYPE=_TL[x.dtype], W_DTYPE=_TL[ws[0].dtype], BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                    BLOCK_N=BLOCK_N, num_warps=num_warps(x.dtype))
+    return dx, dws

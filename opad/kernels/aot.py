@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import inspect
 import io
 import os
 import re
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 # every module with Triton kernels (a test checks no other file under opad/ has a @triton.jit)
-KERNEL_MODULES = ("opad.kernels.swd", "opad.kernels._kv_proj_triton")
+KERNEL_MODULES = ("opad.kernels._swd_triton", "opad.kernels._kv_proj_triton")
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100), as the extension's default arch list
 RGB = 3  # MS-SWD's images: Lab from sRGB, always three channels
 
@@ -96,18 +95,19 @@ def _interpreted() -> type:
 def swd_patch_sizes() -> list[int]:
     """The patch sizes opad uses by default: the trainer's --swd-patch and ms_swd's default (both 11)."""
     from opad.config import TrainConfig
-    from opad.train.losses import ms_swd
+    from opad.kernels.swd import DEFAULT_PATCH  # ms_swd's default (opad.train.losses)
 
-    return sorted({TrainConfig.swd_patch, inspect.signature(ms_swd).parameters["patch_size"].default})
+    return sorted({TrainConfig.swd_patch, DEFAULT_PATCH})
 
 
 def variants() -> list[Variant]:
     """Every launch the wrappers of :data:`KERNEL_MODULES` can make."""
     from opad.kernels import _kv_proj_triton as kv
-    from opad.kernels import kv_proj, swd
+    from opad.kernels import _swd_triton as swd
+    from opad.kernels import kv_proj
 
     out = []
-    S = "opad.kernels.swd"
+    S = "opad.kernels._swd_triton"
     for block in swd.register_sort_blocks():
         out.append(Variant(S, "_sorted_diff_in_registers_kernel", f"BLOCK={block}",
                            {"px_ptr": "fp32", "py_ptr": "fp32", "sign_ptr": "i8", "partial_ptr": "fp32"},

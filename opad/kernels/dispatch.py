@@ -1,19 +1,21 @@
 """One switch for every accelerated op: ``OPAD_KERNELS=auto|triton|reference``.
 
-An op is accelerated by a Triton kernel (opad/kernels/) or by the compiled extension ``opad._C``
-(csrc/), and keeps its pure-torch reference either way.
+Every op has two implementations: its pure-torch **reference**, and its **accelerated**
+implementation, which is the op's Triton kernel (``swd_sorted_l1``, ``kv_proj``) or, for
+``feature_pass``, the compiled C++/CUDA extension ``opad._C`` (csrc/). ``triton`` is the
+switch's name for "accelerated", so for ``feature_pass`` it forces the extension.
 
 - ``auto`` (the default): a Triton op takes its kernel for CUDA tensors and the reference
-  otherwise; an extension op takes the extension wherever it was built for the device (its CPU
+  otherwise; the extension op takes the extension wherever it was built for the device (its CPU
   part always, its CUDA part when compiled with nvcc), and falls back to the reference otherwise
   (``Choice.fallback``: the op warns once).
-- ``triton``: forces each op's accelerated implementation (the Triton kernel, CPU tensors only
-  under ``TRITON_INTERPRET=1``; the extension for extension ops) and fails with one clear error
-  where it cannot run.
+- ``triton``: forces each op's accelerated implementation (a Triton kernel takes CPU tensors only
+  under ``TRITON_INTERPRET=1``) and fails with one clear error where it cannot run.
 - ``reference``: forces the reference.
 
 Every op asks :func:`choose` and nothing else reads the variable, so tests flip one environment
-variable to compare the implementations.
+variable to compare the implementations. ``Choice.impl`` names what runs: ``"triton"``,
+``"extension"`` or ``"reference"``.
 """
 
 from __future__ import annotations
@@ -36,30 +38,31 @@ MODES = ("auto", "triton", "reference")
 @dataclass(frozen=True)
 class Op:
     what: str
-    accelerated_by: str  # "triton" or "extension"
+    accelerated_by: str  # "triton" (the op's Triton kernel) or "extension" (opad._C)
+    accelerated: str  # where the accelerated implementation lives, for the report
 
 
-# the report of ``python -m opad.kernels`` lists them in this order
+# the report of ``python -m opad.kernels`` lists them in this order; each op's public module is
+# opad/kernels/<op module>.py (reference, autograd, dispatch), its accelerated half beside it
 OPS = {
-    "swd_sorted_l1": Op("MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (opad/kernels/swd.py)", "triton"),
-    "kv_proj": Op("every cross-attention layer's K/V from one context in one launch (opad/kernels/kv_proj.py)", "triton"),
+    "swd_sorted_l1": Op("MS-SWD per scale: patch projection, sort, |sorted x - sorted y| (opad/kernels/swd.py)",
+                        "triton", "Triton kernel, opad/kernels/_swd_triton.py"),
+    "kv_proj": Op("every cross-attention layer's K/V from one context in one launch (opad/kernels/kv_proj.py)",
+                  "triton", "Triton kernel, opad/kernels/_kv_proj_triton.py"),
     "feature_pass": Op("every backbone's resized, normalised input from one image, and the summed gradient back "
-                       "(csrc/, opad/feature_pass.py)", "extension"),
+                       "(opad/kernels/feature_pass.py)", "extension", "C++/CUDA extension opad._C, csrc/"),
 }
 
 
 @dataclass(frozen=True)
 class Choice:
-    impl: str  # "triton", "extension" or "reference"
+    impl: str  # "triton", "extension" or "reference": what runs
     reason: str
     fallback: bool = False  # auto wanted the accelerated implementation but it cannot run here
 
     @property
-    def triton(self) -> bool:
-        return self.impl == "triton"
-
-    @property
     def accelerated(self) -> bool:
+        """Whether the op's accelerated implementation runs (its Triton kernel, or opad._C)."""
         return self.impl != "reference"
 
 
@@ -146,7 +149,7 @@ def choose(op: str, device: torch.device | str, unsupported: str | None = None) 
 
 def _choose_extension(op: str, device: torch.device, chosen: str, unsupported: str | None) -> Choice:
     problem = _extension_problem(device) or unsupported
-    if chosen == "triton":  # "force the accelerated implementation": for this op, the extension
+    if chosen == "triton":  # forces the accelerated implementation, which for this op is the extension
         if problem:
             raise OpadError(f"{ENV}=triton but the compiled {op} cannot run here: {problem}")
         return Choice("extension", f"{ENV}=triton forces the accelerated implementation: opad._C")
@@ -164,6 +167,7 @@ def report() -> str:
              f"CUDA {'available' if torch.cuda.is_available() else 'not available'}"]
     for op, spec in OPS.items():
         lines.append(f"{op}: {spec.what}")
+        lines.append(f"  accelerated = {spec.accelerated}")
         for device in devices:
             try:
                 c = choose(op, device)

@@ -9,7 +9,10 @@ inputs; its backward reads the K gradients and writes the summed image gradient 
 :func:`feature_pass` dispatches through :mod:`opad.kernels.dispatch` (op ``feature_pass``):
 the extension when it is built (its CPU part always, its CUDA part when compiled with it), else
 :func:`feature_pass_reference` (interpolate + normalise; autograd sums the gradients), with one
-warning when ``auto`` had to fall back. ``OPAD_KERNELS=reference`` forces the reference.
+warning when ``auto`` had to fall back. ``OPAD_KERNELS=reference`` forces the reference, and
+``OPAD_KERNELS=triton`` the extension: it is this op's accelerated implementation (it has no
+Triton kernel). Importing this module does not import ``opad._C``: ``dispatch`` loads it at the
+first call that chooses it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""All cross-attention layers' K/V projections of one context in one launch: kernels and autograd.
+"""All cross-attention layers' K/V projections of one context in one launch: reference, autograd, dispatch.
 
 Every cross-attention layer projects the *same* text context X (B, S, D) with its own weight
 (N_g, D). ``kv_project`` takes the list of those weights and returns each projection already
@@ -9,7 +9,8 @@ split into heads, (B, heads_g, S, N_g / heads_g) contiguous, the layout attentio
 * backward: one launch writes every dW_g = dOut_g^T X, and — only when X needs a gradient (the
   teacher step, where the modifier token trains) — a second writes dX = sum_g dOut_g W_g.
 
-The reference is :func:`kv_project_reference` (one ``F.linear`` per weight).
+The reference is :func:`kv_project_reference` (one ``F.linear`` per weight); the kernels are in
+``_kv_proj_triton``, imported only when chosen.
 """
 
 from __future__ import annotations
@@ -41,15 +42,42 @@ def kv_project_reference(x: Tensor, weights: list[Tensor], heads: list[int]) -> 
 def kv_project(x: Tensor, weights: list[Tensor], heads: list[int]) -> list[Tensor]:
     """``kv_project_reference`` or the one-launch kernel, as ``OPAD_KERNELS`` chooses."""
     unsupported = _unsupported(x, weights, heads)
-    if dispatch.choose("kv_proj", x.device, unsupported).triton:
-        from opad.kernels import _kv_proj_triton  # imports Triton: only when chosen
-
+    if dispatch.choose("kv_proj", x.device, unsupported).accelerated:
         kind = x.device.type
         if torch.is_autocast_enabled(kind):  # autocast's rule for a linear layer: compute in its dtype
             x = x.to(torch.get_autocast_dtype(kind))
         with torch.autocast(kind, enabled=False):
-            return list(_kv_proj_triton.KVProject.apply(x, heads, *weights))
+            return list(KVProject.apply(x, heads, *weights))
     return kv_project_reference(x, weights, heads)
+
+
+class KVProject(torch.autograd.Function):
+    """outputs[g] = (x @ weights[g].T) split into heads[g] heads, for every g in one launch.
+
+    The product runs in x's dtype (weights are converted as they are loaded, as autocast would
+    cast them); outputs and dX are in x's dtype, each dW in its weight's dtype. The outputs are
+    views into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, heads: list[int], *weights: Tensor) -> tuple[Tensor, ...]:
+        from opad.kernels import _kv_proj_triton  # imports Triton: only on the kernel's path
+
+        x2 = x.detach().contiguous()
+        ws = [w.detach().contiguous() for w in weights]
+        outs = _kv_proj_triton.forward(x2, ws, heads)
+        ctx.save_for_backward(x2, *ws)
+        ctx.hds = [w.shape[0] // h for w, h in zip(ws, heads)]
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        from opad.kernels import _kv_proj_triton
+
+        x, *ws = ctx.saved_tensors
+        dx, dws = _kv_proj_triton.backward(x, ws, ctx.hds, grads, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[2:])
+        return (dx, None, *dws)
 
 
 def _unsupported(x: Tensor, weights: list[Tensor], heads: list[int]) -> str | None:

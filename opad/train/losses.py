@@ -3,8 +3,8 @@
 ``ms_swd`` is the multiscale sliced Wasserstein distance (He et al., ECCV 2024) on Lab colour:
 a Gaussian pyramid of ``num_scales`` levels; at each, every k x k patch (reflect-padded, stride 1)
 is projected on ``num_projections`` random unit directions, each projection's values are sorted
-and the two images' sorted values compared by mean absolute difference. ``swd_sorted_l1`` is the
-per-scale core that an accelerated kernel replaces.
+and the two images' sorted values compared by mean absolute difference. The per-scale core,
+``swd_sorted_l1`` (reference, kernel and their switch), is the op :mod:`opad.kernels.swd`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from opad.kernels import dispatch
+from opad.kernels.swd import DEFAULT_PATCH, pad, swd_sorted_l1
 
 # sRGB (D65) -> XYZ, and the D65 white point.
 _RGB_TO_XYZ = torch.tensor(
@@ -39,19 +39,13 @@ def srgb_to_lab(rgb: Tensor) -> Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
 
-def _pad(x: Tensor, p: int) -> Tensor:
-    # reflect needs p < size; tiny pyramid levels fall back to replicate
-    mode = "reflect" if min(x.shape[-2:]) > p else "replicate"
-    return F.pad(x, (p, p, p, p), mode=mode)
-
-
 def gaussian_pyramid(x: Tensor, levels: int) -> list[Tensor]:
     """``levels`` images: x, then repeatedly a 5x5 binomial blur and a stride-2 subsample."""
     k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
     kernel = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 5, 5)
     out = [x]
     for _ in range(levels - 1):
-        x = F.conv2d(_pad(x, 2), kernel, groups=x.shape[1])[:, :, ::2, ::2]
+        x = F.conv2d(pad(x, 2), kernel, groups=x.shape[1])[:, :, ::2, ::2]
         out.append(x)
     return out
 
@@ -65,36 +59,13 @@ def random_projections(num: int, channels: int, patch: int, generator: torch.Gen
     return d.view(num, channels, patch, patch).to(device=device, dtype=dtype)
 
 
-def swd_sorted_l1(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
-    """Sliced Wasserstein-1 between the patch sets of x and y (B, C, H, W): one value per item.
-
-    Patches are k x k (k from ``projections``, (P, C, k, k)), reflect-padded so every pixel has one.
-    The Triton kernel (``opad.kernels.swd``) or the reference below, as ``OPAD_KERNELS`` chooses;
-    the kernel gives y no gradient, so a y that wants one takes the reference under ``auto``.
-    """
-    unsupported = "the kernel computes no gradient for y" if y.requires_grad else None
-    if dispatch.choose("swd_sorted_l1", x.device, unsupported).triton:
-        from opad.kernels import swd  # imports Triton: only when chosen
-
-        return swd.swd_sorted_l1(x, y, projections)
-    return swd_sorted_l1_reference(x, y, projections)
-
-
-def swd_sorted_l1_reference(x: Tensor, y: Tensor, projections: Tensor) -> Tensor:
-    """The pure-torch definition: conv2d projections, a full sort per direction, mean |difference|."""
-    p = projections.shape[-1] // 2
-    px = F.conv2d(_pad(x, p), projections).flatten(2)  # (B, P, H*W)
-    py = F.conv2d(_pad(y, p), projections).flatten(2)
-    return (px.sort(dim=2).values - py.sort(dim=2).values).abs().mean(dim=(1, 2))
-
-
 def ms_swd(
     x: Tensor,
     y: Tensor,
     *,
     num_scales: int = 5,
     num_projections: int = 128,
-    patch_size: int = 11,
+    patch_size: int = DEFAULT_PATCH,
     generator: torch.Generator | None = None,
     projections: list[Tensor] | None = None,
 ) -> Tensor:
