@@ -77,7 +77,7 @@ def test_plain_diffusers_pipeline_reproduces_our_generate(bundle, tiny_dir, tmp_
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir / "student", local_files_only=True)
     base = pipe(PROMPT.replace("<new1> ", ""), num_inference_steps=1, guidance_scale=0.0,
                 generator=torch.Generator().manual_seed(3), output_type="np").images
-    # diffusers only installs Custom Diffusion processors when given the pipeline (see README).
+    # diffusers only installs Custom Diffusion processors when given the pipeline (see docs/concepts.md).
     pipe.unet.load_attn_procs(concept, weight_name=WEIGHTS_NAME, _pipeline=pipe)
     pipe.load_textual_inversion(concept, weight_name="<new1>.safetensors")
     assert {type(p).__name__ for n, p in pipe.unet.attn_processors.items() if "attn2" in n} == {"CustomDiffusionAttnProcessor"}

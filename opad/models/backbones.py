@@ -17,7 +17,7 @@ the mini world ships one of each family at 64 px), from the hub only when asked 
 Resizing to the input size is bilinear with antialiasing by default; ``area`` is the release's for
 its discriminators and ``bilinear`` (no antialiasing) its identity input. ``normalize=False`` feeds
 the release's raw ``x * 2 - 1`` instead of the mean/std normalisation. Resizing and normalising
-is the fused feature pass (opad/feature_pass.py): :func:`backbone_features` makes every backbone's
+is the fused feature pass (opad/kernels/feature_pass.py): :func:`backbone_features` makes every backbone's
 input from one image in one op, then runs the encoders, on their own CUDA streams on a GPU.
 """
 
