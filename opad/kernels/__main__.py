@@ -2,11 +2,14 @@
 
 import sys
 
-from opad.errors import OpadError
+from opad.errors import command_main
 from opad.kernels.dispatch import report
 
-try:
+
+@command_main()
+def main(argv: list[str] | None = None) -> int:
     print(report())
-except OpadError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return 0
+
+
+sys.exit(main())
