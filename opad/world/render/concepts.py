@@ -1,7 +1,8 @@
-"""``python -m opad.world.concepts OUT``: the mini world's held-out concepts, laid out like DreamBench.
+"""The mini world's held-out concepts, laid out like DreamBench (written to a folder by
+``python -m opad.world.concepts OUT``).
 
 Each concept is one distinctive instance that no pretraining scene shows: it wears a pattern the
-world never draws (checks or zigzags, :data:`opad.world.scenes.CONCEPT_ATTRIBUTES`), or a pattern
+world never draws (checks or zigzags, :data:`opad.world.render.scenes.CONCEPT_ATTRIBUTES`), or a pattern
 together with a second tone (a world scene has one or the other), in a colour off the world's
 palette. Its five "photos" show it in new poses and sizes, in two or three home contexts, so that a
 prompt that names another context asks for a real recontextualization (as DreamBench's photos
@@ -17,18 +18,14 @@ scene. Everything is a pure function of this module, like the world itself.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from opad.cache import cached_folder
-from opad.errors import OpadError
-from opad.fsutil import check_output_folder, staged_dir
-from opad.world.contexts import CONTEXTS
-from opad.world.scenes import Scene, render, repose
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.scenes import Scene, render, repose
 
 PHOTOS = 5
 CONCEPTS_VERSION = "world-concepts-v1"  # the cache folder's name: bump it when a concept's pixels change
@@ -110,34 +107,3 @@ def concepts_dir() -> Path:
     from opad.cache import cache_root
 
     return cached_folder(cache_root() / CONCEPTS_VERSION, write_concepts)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m opad.world.concepts",
-        description=f"Write the mini world's {len(CONCEPTS)} held-out concepts to OUT, laid out like DreamBench: "
-        f"OUT/<subject>/00.png..{PHOTOS - 1:02d}.png ({PHOTOS} photos of one instance no pretraining scene shows), "
-        "OUT/prompts_and_classes.txt (DreamBench's format: classes and 25 prompts) and OUT/concepts.json (each "
-        f"photo's scene). Subjects: {', '.join(c.name for c in CONCEPTS)}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_output_folder(args.out, args.overwrite, flag="OUT")
-        with staged_dir(args.out, replace=args.overwrite) as tmp:
-            write_concepts(tmp)
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(CONCEPTS)} concepts x {PHOTOS} photos and prompts_and_classes.txt to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``python -m opad.world.scenes``: procedurally drawn 64x64 scenes with captions, the images of the mini world.
+"""Procedurally drawn 64x64 scenes with captions, the images of the mini world (drawn to a folder by
+``python -m opad.world.scenes``).
 
 A scene is one object (:data:`CLASSES`: mug, ball, robot, car, house, tree, flower, bird) of a named
 colour (:data:`COLOURS`), optionally with attributes (:data:`ATTRIBUTES`: shiny, striped, dotted,
@@ -14,24 +15,19 @@ contexts distinct palettes so that both stay recognisable after a small VAE blur
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
 
 from opad.errors import OpadError
-from opad.fsutil import check_output_folder, staged_dir
-from opad.world.contexts import CONTEXTS
-from opad.world.objects import CLASSES, RGB, SUPERSAMPLE, WHITE, Pen, Rand, Style
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.objects import CLASSES, RGB, SUPERSAMPLE, WHITE, Pen, Rand, Style
 
 COLOURS: dict[str, RGB] = {
     "red": (210, 40, 40),
@@ -50,7 +46,7 @@ ATTRIBUTES: dict[str, str] = {
     "dotted": "dots of the accent colour on the main body",
     "two-tone": "secondary parts (robot head and limbs, car cabin, house roof, mug handle, ...) in the accent colour",
 }
-# Patterns no world scene has: only the held-out concepts wear them (opad.world.concepts), so a concept
+# Patterns no world scene has: only the held-out concepts wear them (opad.world.render.concepts), so a concept
 # is an instance the pretrained models have never seen. sample_scene never draws them.
 CONCEPT_ATTRIBUTES: dict[str, str] = {
     "checkered": "a checkerboard of the accent colour on the main body",
@@ -274,67 +270,3 @@ def grid(images: list[Image.Image], columns: int | None = None, gap: int = 2) ->
     for i, im in enumerate(images):
         sheet.paste(im, (gap + (i % columns) * (w + gap), gap + (i // columns) * (h + gap)))
     return sheet
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-GRID_MAX = 256  # grid.png shows the first images only: 100k scenes would make a 20k-pixel sheet
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m opad.world.scenes",
-        description="Draw the first N scenes of the mini world SEED (procedural objects in contexts, "
-        f"classes: {', '.join(CLASSES)}; contexts: {', '.join(CONTEXTS)}). Writes OUT/images/NNNNN.png, "
-        f"OUT/captions.jsonl (file, caption and every scene parameter per line) and OUT/grid.png (the first "
-        f"{GRID_MAX} images in one sheet). The same SEED gives the same scenes and captions on every machine, and "
-        "the same pixels wherever Pillow is the same version.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
-    p.add_argument("--n", type=int, default=64, help="how many scenes")
-    p.add_argument("--seed", type=int, default=0, help="which world; scene i depends only on (seed, i)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--columns", type=int, default=None, help="images per grid row; None: a square grid")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT folder")
-    return p
-
-
-def run(args: argparse.Namespace) -> Path:
-    if args.n < 1:
-        raise OpadError(f"--n must be at least 1, got {args.n}")
-    if args.seed < 0:
-        raise OpadError(f"--seed must be at least 0, got {args.seed}")
-    if args.size < 16:
-        raise OpadError(f"--size must be at least 16, got {args.size}")
-    if args.columns is not None and args.columns < 1:
-        raise OpadError(f"--columns must be at least 1, got {args.columns}")
-    check_output_folder(args.out, args.overwrite, flag="OUT")
-    images = []
-    with staged_dir(args.out, replace=args.overwrite) as tmp:
-        (tmp / "images").mkdir()
-        with (tmp / "captions.jsonl").open("w") as f:
-            for i, (image, text, scene) in enumerate(iter_world(args.n, args.seed, args.size)):
-                name = f"images/{i:05d}.png"
-                image.save(tmp / name)
-                if i < GRID_MAX:
-                    images.append(image)
-                f.write(json.dumps({"file": name, "caption": text, "scene": scene.to_dict()}) + "\n")
-        grid(images, args.columns).save(tmp / "grid.png")
-    return Path(args.out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.n} scene(s), captions.jsonl and grid.png to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
