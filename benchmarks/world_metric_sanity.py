@@ -35,10 +35,10 @@ from PIL import Image
 from opad.evaluation.dreambench import read_dreambench
 from opad.evaluation.encoders import clip_encoder, dino_encoder
 from opad.evaluation.metrics import cosine, strip_modifiers, text_scores
-from opad.world.classifier import WorldClassifier
-from opad.world.concepts import CONCEPTS, concepts_dir, photo_scenes
+from opad.world.components.classifier import WorldClassifier
 from opad.world.fidelity import CLASSIFIER, prompt_context
-from opad.world.scenes import render, repose, world_scenes
+from opad.world.render.concepts import CONCEPTS, concepts_dir, photo_scenes
+from opad.world.render.scenes import render, repose, world_scenes
 
 OUT = Path(__file__).with_name("world_metric_sanity.csv")
 TILE = 8

@@ -208,13 +208,13 @@ def test_world_encoders_score_the_world(tmp_path, monkeypatch):
     from transformers import CLIPModel
 
     from opad.evaluation.encoders import clip_encoder, dino_encoder
-    from opad.world import clip as world_clip
-    from opad.world import encoders
-    from opad.world.concepts import concepts_dir
+    from opad.world.components import clip as world_clip
+    from opad.world.components import encoders
     from opad.world.fidelity import read_photos
     from opad.world.layout import SHIPPED
     from opad.world.pool import to_model_range
-    from opad.world.scenes import world_dataset
+    from opad.world.render.concepts import concepts_dir
+    from opad.world.render.scenes import world_dataset
 
     monkeypatch.setenv("OPAD_CACHE", str(tmp_path / "cache"))
     root = concepts_dir()

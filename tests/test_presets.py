@@ -15,9 +15,9 @@ from opad.errors import OpadError
 from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset
 from opad.train import cli as train
-from opad.world.clip import load_text_encoder
-from opad.world.concepts import CONCEPTS, concepts_dir
+from opad.world.components.clip import load_text_encoder
 from opad.world.layout import SHIPPED
+from opad.world.render.concepts import CONCEPTS, concepts_dir
 
 
 def test_the_preset_is_the_flag_then_opad_preset_then_the_world(monkeypatch):

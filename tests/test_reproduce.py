@@ -13,7 +13,7 @@ from PIL import Image
 
 from opad.evaluation import reproduce
 from opad.evaluation.reproduce import tables
-from opad.world.concepts import CONCEPTS
+from opad.world.render.concepts import CONCEPTS
 
 # OPAD and one baseline (another concept format through generate); teacher-first is a method like them
 FAST = ["--max-steps", "2", "--prompts", "2", "--seeds", "2", "--dino-weights", "tiny", "--clip-weights", "tiny",

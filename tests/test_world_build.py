@@ -14,9 +14,10 @@ from transformers import CLIPModel, CLIPTextModel
 
 from opad.diffusion import schedulers
 from opad.models.tokenizer import build_sd2_tokenizer, prompt_ids
-from opad.world import build, check, clip, component, layout, pool, preset, student, teacher, vae
-from opad.world.classifier import WorldClassifier
-from opad.world.scenes import render, world_scenes
+from opad.world import build, check, layout, pool, preset
+from opad.world.components import clip, component, student, teacher, vae
+from opad.world.components.classifier import WorldClassifier
+from opad.world.render.scenes import render, world_scenes
 
 
 @pytest.fixture()

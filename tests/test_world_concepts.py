@@ -10,9 +10,10 @@ from PIL import Image
 
 from opad.evaluation.dreambench import read_dreambench
 from opad.evaluation.metrics import prompt_type
-from opad.world import concepts
-from opad.world.contexts import CONTEXTS
-from opad.world.scenes import COLOURS, CONCEPT_ATTRIBUTES, PATTERNS, world_scenes
+from opad.world.concepts import main
+from opad.world.render import concepts
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.scenes import COLOURS, CONCEPT_ATTRIBUTES, PATTERNS, world_scenes
 
 
 def _digest(folder) -> str:
@@ -24,7 +25,7 @@ def _digest(folder) -> str:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("concepts") / "world-concepts"
-    assert concepts.main([str(out)]) == 0
+    assert main([str(out)]) == 0
     return out
 
 
@@ -78,7 +79,7 @@ def test_concepts_cli_refuses_a_folder_that_holds_files(tmp_path, capsys):
     out = tmp_path / "full"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert concepts.main([str(out)]) == 2
+    assert main([str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -16,9 +16,10 @@ from PIL import Image
 from opad.errors import OpadError
 from opad.evaluation.encoders import DinoEncoder
 from opad.models.backbones import build_backbone
-from opad.world import check, encoders, pool
+from opad.world import check, pool
+from opad.world.components import encoders
 from opad.world.layout import SHIPPED
-from opad.world.scenes import render, repose, world_scenes
+from opad.world.render.scenes import render, repose, world_scenes
 
 
 def test_info_nce_is_each_views_softmax_over_all_other_rows():
@@ -78,7 +79,7 @@ def test_caption_loss_is_each_images_softmax_over_every_distinct_caption():
 def test_caption_bank_embeds_each_distinct_caption_once_with_the_clip_text_tower():
     from transformers import CLIPModel
 
-    from opad.world.clip import text_features
+    from opad.world.components.clip import text_features
     from opad.world.layout import SHIPPED
 
     first = ["a photo of a red mug on the beach", "a photo of a blue car at night", "a photo of a red mug on the beach"]

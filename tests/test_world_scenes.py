@@ -16,14 +16,13 @@ import pytest
 from PIL import Image
 
 from opad.errors import OpadError
-from opad.world.scenes import (
+from opad.world.render.scenes import (
     ATTRIBUTES,
     CLASSES,
     COLOURS,
     CONTEXTS,
     Scene,
     caption,
-    main,
     object_mask,
     render,
     render_with_mask,
@@ -31,6 +30,7 @@ from opad.world.scenes import (
     world_dataset,
     world_scenes,
 )
+from opad.world.scenes import main
 
 
 def test_sizes_of_the_world():

@@ -170,13 +170,13 @@ class WorldClipEncoder(Encoder):
                                     T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
     def _embed_images(self, batch: torch.Tensor) -> torch.Tensor:
-        from opad.world.clip import image_features
+        from opad.world.components.clip import image_features
 
         return image_features(self.model, batch)
 
     @torch.no_grad()
     def texts(self, prompts: list[str]) -> np.ndarray:
-        from opad.world.clip import text_features
+        from opad.world.components.clip import text_features
 
         if not prompts:
             return np.zeros((0, 0), np.float32)

@@ -58,7 +58,7 @@ WORLD_CONCEPT = "checkered_mug"  # the bundled world concept python -m opad.trai
 
 
 def _world_concept() -> tuple[Path, str]:
-    from opad.world.concepts import CONCEPTS, concepts_dir
+    from opad.world.render.concepts import CONCEPTS, concepts_dir
 
     concept = next(c for c in CONCEPTS if c.name == WORLD_CONCEPT)
     return concepts_dir() / concept.name, concept.class_word

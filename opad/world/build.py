@@ -22,7 +22,8 @@ import torch
 
 from opad.errors import OpadError
 from opad.fsutil import check_can_create, staged_dir, write_json
-from opad.world import check, classifier, clip, component, encoders, student, teacher, vae
+from opad.world import check
+from opad.world.components import classifier, clip, component, encoders, student, teacher, vae
 from opad.world.layout import HELDOUT_WORLD, SHIPPED, SUMMARY, TRAIN_WORLD
 from opad.world.pool import Pool, load_pool
 

@@ -24,16 +24,16 @@ from transformers import CLIPModel
 
 from opad.errors import OpadError
 from opad.models.quiet import no_transformers_bars
-from opad.world import encoders
-from opad.world import vae as world_vae
-from opad.world.classifier import WorldClassifier, accuracy
-from opad.world.clip import zero_shot_accuracy
-from opad.world.contexts import CONTEXTS
+from opad.world.components import encoders
+from opad.world.components import vae as world_vae
+from opad.world.components.classifier import WorldClassifier, accuracy
+from opad.world.components.clip import zero_shot_accuracy
 from opad.world.layout import HELDOUT_WORLD, SHIPPED
-from opad.world.objects import CLASSES
 from opad.world.pool import Pool, pool_scenes
 from opad.world.preset import student_pipeline, teacher_pipeline
-from opad.world.scenes import COLOURS, Scene, caption, grid, render, world_scenes
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.objects import CLASSES
+from opad.world.render.scenes import COLOURS, Scene, caption, grid, render, world_scenes
 
 VAE_PSNR_DB = 26.0
 TEACHER_ACCURACY = 0.8  # of the prompted class, and of the prompted context, at 25 DDIM steps with CFG

@@ -21,7 +21,7 @@ from torch import nn
 
 from opad.diffusion.sampling import sample_student
 from opad.models.loading import ModelBundle
-from opad.world import encoders
+from opad.world.components import encoders
 from opad.world.layout import SHIPPED
 
 EVAL_ENCODER = SHIPPED / "eval_encoder"
@@ -57,7 +57,7 @@ CLASSIFIER = SHIPPED / "classifier"
 
 def prompt_context(prompt: str) -> str | None:
     """The world context a prompt names by its caption phrase ("on the beach"), or None."""
-    from opad.world.contexts import CONTEXTS
+    from opad.world.render.contexts import CONTEXTS
 
     return next((name for name, spec in CONTEXTS.items() if spec.phrase in prompt), None)
 
@@ -79,7 +79,7 @@ def classifier_scores(folder: Path, class_word: str) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=1)
 def _classifier(folder: str) -> nn.Module:
-    from opad.world.classifier import WorldClassifier
+    from opad.world.components.classifier import WorldClassifier
 
     return WorldClassifier.load(Path(folder))
 

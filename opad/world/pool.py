@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opad.world.contexts import CONTEXTS
-from opad.world.scenes import Scene, caption, render, repose, world_scenes
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.scenes import Scene, caption, render, repose, world_scenes
 
 CHUNK = 1000
 
@@ -48,7 +48,7 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 
 def pool_scenes(n: int, seed: int, reposed: bool = False) -> list[Scene]:
     """The first ``n`` scenes of world ``seed``; ``reposed``: each scene's object re-posed in another
-    context (a second photo of the same instance, as :func:`opad.world.scenes.repose` draws it)."""
+    context (a second photo of the same instance, as :func:`opad.world.render.scenes.repose` draws it)."""
     scenes = world_scenes(n, seed)
     if not reposed:
         return scenes

@@ -16,7 +16,7 @@ from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
 from opad.fsutil import file_hash
 from opad.models.quiet import no_transformers_bars
 from opad.models.tokenizer import build_sd2_tokenizer
-from opad.world.clip import load_text_encoder
+from opad.world.components.clip import load_text_encoder
 from opad.world.layout import SHIPPED, SUMMARY
 
 

@@ -107,7 +107,7 @@ def apply_world(args: argparse.Namespace) -> None:
     concepts and encoders wherever the user named none."""
     if not args.world:
         return
-    from opad.world.concepts import concepts_dir
+    from opad.world.render.concepts import concepts_dir
 
     os.environ["OPAD_PRESET"] = "world"
     args.dreambench = args.dreambench or str(concepts_dir())

@@ -1,7 +1,7 @@
 """The mini world's teacher: an SD 2.1-shaped UNet on the world's frozen text encoder.
 
 As SD 2.1 conditions on OpenCLIP's frozen text tower, the teacher conditions on the world CLIP's
-(:mod:`opad.world.clip`), which contrastive training has taught to tell classes, colours and
+(:mod:`opad.world.components.clip`), which contrastive training has taught to tell classes, colours and
 contexts apart. (A first version trained its own text encoder jointly on the denoising loss: it
 learnt colours and contexts but not classes, whose silhouettes change few pixels, and drew
 colour-right blobs; 23% of samples showed the prompted class after 2,500 steps.) The UNet keeps SD
@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from opad.diffusion.schedulers import teacher_scheduler
 from opad.fsutil import file_hash
 from opad.models.tokenizer import build_sd2_tokenizer, prompt_ids
-from opad.world import clip, component
+from opad.world.components import clip, component
 from opad.world.pool import Pool
 
 BLOCKS = (32, 64, 64)

@@ -23,11 +23,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConf
 
 from opad.models.quiet import no_transformers_bars, quiet_transformers
 from opad.models.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_sd2_tokenizer, prompt_ids
-from opad.world import component
-from opad.world.contexts import CONTEXTS
-from opad.world.objects import CLASSES
+from opad.world.components import component
 from opad.world.pool import Pool, to_model_range
-from opad.world.scenes import caption
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.objects import CLASSES
+from opad.world.render.scenes import caption
 
 TEXT_WIDTH = 32
 IMAGE_SIZE = 64

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from opad.world import component
+from opad.world.components import component
 from opad.world.pool import Pool, to_model_range
 
 BLOCKS = (32, 64, 64)

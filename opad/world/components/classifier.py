@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from opad.world import component
-from opad.world.contexts import CONTEXTS
-from opad.world.objects import CLASSES
+from opad.world.components import component
 from opad.world.pool import Pool
-from opad.world.scenes import COLOURS, Scene
+from opad.world.render.contexts import CONTEXTS
+from opad.world.render.objects import CLASSES
+from opad.world.render.scenes import COLOURS, Scene
 
 HEADS: dict[str, tuple[str, ...]] = {"category": tuple(CLASSES), "context": tuple(CONTEXTS),
                                      "colour": tuple(COLOURS)}

@@ -50,8 +50,8 @@ from torch import nn
 from transformers import CLIPModel
 
 from opad.models.quiet import quiet_transformers
-from opad.world import component
-from opad.world.clip import text_features
+from opad.world.components import component
+from opad.world.components.clip import text_features
 from opad.world.pool import Pool, to_model_range
 
 KINDS = ("dino_v1", "dino_v2", "eval_encoder")

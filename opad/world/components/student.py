@@ -35,7 +35,7 @@ from opad.diffusion.schedule import (
     unet_prediction,
 )
 from opad.diffusion.schedulers import student_scheduler, teacher_scheduler
-from opad.world import component, teacher
+from opad.world.components import component, teacher
 from opad.world.pool import Pool
 
 HPARAMS = dict(steps=3000, batch=64, lr=1e-3, warmup=100, ema=0.999, pairs=9216, pair_batch=128,

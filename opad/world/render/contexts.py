@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ImageDraw
 
-from opad.world.objects import RGB, Rand, mix
+from opad.world.render.objects import RGB, Rand, mix
 
 # ---------------------------------------------------------------------------------------------
 # Contexts: each a small function painting the whole background (side S pixels) from its own seed.
