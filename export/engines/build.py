@@ -1,28 +1,7 @@
-"""``python export/build_trt.py --onnx DIR --out DIR``: TensorRT engines from an ONNX export.
-
-Builds, from the folder ``export/export_onnx.py`` wrote:
-
-- ``conditioning.plan``: refittable for exactly the cross-attention K/V weights (switching concept
-  refits the engine instead of rebuilding it), with ``refit_map.json`` naming, for every PyTorch
-  K/V parameter, the engine weight it becomes (and whether transposed);
-- ``denoise_decode_{N}step.plan``: the concept-agnostic graph, one engine for every concept;
-- ``engines.json``: the sidecar (the ONNX export's, plus profiles, what the engines compute in and
-  how they were built, the refit weights' dtype, TensorRT version, each engine's measured error
-  against ONNX Runtime on the same inputs).
-
-Precision (:func:`opad.export.trt_plan.engine_precision`): an fp16 export becomes a strongly typed
-network (every tensor in the type the ONNX graph gives it, as ONNX Runtime checked it); an fp32
-export is exact fp32 (TF32 off: the parity check compares with exact fp32), or with ``--fp16``
-weakly typed with TensorRT free to pick fp16 per layer. Refit weights keep the ONNX initializers'
-dtype whatever the engine computes in.
-
-The profile is the export's own batch (static by default) or ``--batch-range A:B`` inside it.
-``--plan-only`` writes the refit map and sidecar without TensorRT, to inspect what would be built.
-
-**Unverified**: TensorRT cannot be installed where opad is developed (its PyPI packages download
-from NVIDIA's index), so the engine build, the refit and the parity check have never run. Without
-``tensorrt`` or a GPU the script says so in one line and writes nothing.
-Also ``python -m opad.export.build_trt``.
+"""Building the TensorRT engines of ``python export/build_trt.py`` (its docstring says what it writes
+and how each engine's precision is chosen): the refit map, one engine per ONNX graph with its
+optimization profile, each checked against ONNX Runtime on the same inputs, and ``engines.json``;
+written all or nothing. **Unverified**: TensorRT cannot be installed where opad is developed.
 """
 
 from __future__ import annotations
@@ -35,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opad.export.export_onnx import TOLERANCE, run_cli  # the same bound: |TensorRT - ONNX Runtime|
-from opad.export.sidecar import read_sidecar
-from opad.export.trt_engine import execute, on_device, tensorrt
-from opad.export.trt_plan import (
+
+from opad.config import DEVICE_PATTERN
+from opad.errors import OpadError
+from opad.export.engines.execution import execute, on_device, tensorrt
+from opad.export.engines.plan import (
+    ENGINES,
     REFIT_MAP,
     engine_precision,
     kv_parameter_names,
@@ -46,31 +27,9 @@ from opad.export.trt_plan import (
     profile_shapes,
     refit_map,
 )
-
-from opad.config import DEVICE_PATTERN
-from opad.errors import OpadError
+from opad.export.exporter.export import TOLERANCE  # the same bound: |TensorRT - ONNX Runtime|
+from opad.export.exporter.sidecar import read_sidecar
 from opad.fsutil import check_output_folder, staged_dir
-
-ENGINES = "engines.json"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python export/build_trt.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--onnx", required=True, help="a folder written by export/export_onnx.py")
-    p.add_argument("--out", required=True, help="output folder for the engines (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--fp16", action="store_true", help="let TensorRT pick fp16 kernels per layer (an fp32 export; an "
-                   "fp16 export is built as fp16 anyway)")
-    p.add_argument("--device", default="cuda", help="the CUDA device to build and check on: cuda or cuda:N")
-    p.add_argument("--batch-range", default=None, metavar="A:B", help="the engines' batch profile, within the "
-                   "export's (default: the export's own)")
-    p.add_argument("--timing-cache", default=None, help="a TensorRT timing cache file, read if present and "
-                   "written after the build (speeds up rebuilds)")
-    p.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT's workspace memory limit")
-    p.add_argument("--plan-only", action="store_true", help="write refit_map.json and engines.json only "
-                   "(no TensorRT needed)")
-    return p
 
 
 def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
@@ -91,7 +50,7 @@ def kv_parameters_of(record: dict) -> dict[str, np.ndarray]:
 def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, precision: dict, refittable: list[str],
                  timing_cache: bytes, workspace_gb: float) -> tuple[bytes, bytes]:
     """(serialized engine, timing cache) for one ONNX file (TensorRT 10 API; unverified here), built
-    as ``precision`` (:func:`opad.export.trt_plan.engine_precision`) says."""
+    as ``precision`` (:func:`opad.export.engines.plan.engine_precision`) says."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # explicit batch is TensorRT 10's only mode; strongly typed: the ONNX graph's types decide
@@ -124,7 +83,7 @@ def build_engine(trt, onnx_path: Path, shapes: dict[str, list[list[int]]], *, pr
     return bytes(engine), bytes(cache.serialize())
 
 
-def _check_args(args: argparse.Namespace) -> dict:
+def check_args(args: argparse.Namespace) -> dict:
     record = read_sidecar(args.onnx)
     for name in record["files"].values():
         if not (Path(args.onnx) / name).is_file():
@@ -140,7 +99,7 @@ def _check_args(args: argparse.Namespace) -> dict:
 
 
 def build(args: argparse.Namespace) -> Path:
-    record = _check_args(args)
+    record = check_args(args)
     batch = parse_batch_range(args.batch_range, record["batch"])
     shapes = profile_shapes(record, batch)
     device = torch.device(args.device)
@@ -195,17 +154,3 @@ def _parity(trt, engine: bytes, onnx_path: Path, shapes: dict[str, list[list[int
     if worst > tolerance:
         raise OpadError(f"the {onnx_path.stem} engine differs from ONNX Runtime by {worst:.2e} (> {tolerance:.0e})")
     return worst
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = run_cli(build, args)
-    if out is None:
-        return 2
-    what = "the refit map and engines.json (no engines: --plan-only)" if args.plan_only else "the engines"
-    print(f"wrote {what} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

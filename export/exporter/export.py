@@ -1,21 +1,7 @@
-"""``python export/export_onnx.py``: the student (and a concept) as ONNX graphs split at the concept
-boundary, each checked with ONNX Runtime against PyTorch on the same inputs.
-
-Writes into --out (all or nothing)::
-
-    conditioning.onnx            (a) token embeddings -> every cross-attention K/V (this concept's)
-    denoise_decode_{N}step.onnx  (b) noise + K/V -> image, concept-agnostic: one file serves every concept
-                                 (a lora or unet concept changes weights in it too: that export's (b)
-                                 bakes the concept in and serves it alone; export.json says so)
-    single_{N}step.onnx          (c) token embeddings + noise -> image (the classic one graph)
-    token_embeddings.npy         the (vocab, D) table token ids are looked up in (the concept's rows
-                                 included; the lookup stays outside so a new token never changes a shape)
-    tokenizer/                   the tokenizer with the concept's tokens
-    export.json                  the sidecar: source hashes, concept id, precision, shapes, opset,
-                                 exporter, library versions and each graph's measured error
-
-Also ``python -m opad.export.export_onnx`` and ``opad export``.
-"""
+"""The ONNX export behind ``python export/export_onnx.py`` (its docstring lists what it writes):
+the split graphs of :mod:`opad.export.exporter.graphs` traced with ``torch.onnx.export``, each run
+on ONNX Runtime against PyTorch on the same inputs, and the sidecar of :mod:`.sidecar`; written all
+or nothing."""
 
 from __future__ import annotations
 
@@ -30,22 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opad.export.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
-from opad.export.precision import exact_fp32
-from opad.export.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
-from opad.export.trt_plan import parse_range
 
 from opad.concept.folder import KV_FORMATS, concept_format, load_concept
 from opad.devices import pick_device
-from opad.diffusion.sampling import STUDENT_STEPS, initial_noise
+from opad.diffusion.sampling import initial_noise
 from opad.errors import OpadError, first_line
+from opad.export.exporter.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
+from opad.export.exporter.options import check_args, parse_batch, parse_steps
+from opad.export.exporter.precision import exact_fp32
+from opad.export.exporter.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 from opad.fsutil import staged_dir
-from opad.generate import check_output_options
 from opad.models.attention import cross_attention_layers
 from opad.models.loading import ModelBundle, load_models
 
-EXPORTERS = ("dynamo", "torchscript")
-MIN_OPSET = 17
 LARGE = int(1.8 * 2**30)  # weights past this go to external data (protobuf's limit is 2 GB)
 # max |ONNX Runtime - PyTorch| allowed on the float image in [0, 1] (before quantization)
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
@@ -61,59 +44,6 @@ def denoise_file(steps: int) -> str:
 
 def single_file(steps: int) -> str:
     return f"single_{steps}step.onnx"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python export/export_onnx.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", default=None, help="student diffusers folder or hub id (default: the preset's, OPAD_PRESET: the mini world or tiny)")
-    p.add_argument("--concept", default=None, help="concept folder written by opad.train.cli (default: none, the base "
-                   "student)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--steps", default="1", help="student step counts to export graph (b)/(c) for, e.g. 1 or 1,2,4 "
-                   "(each unrolls its step loop)")
-    p.add_argument("--fp16", action="store_true", help="export in float16 (default float32)")
-    p.add_argument("--batch", type=int, default=1, help="static batch size")
-    p.add_argument("--batch-range", default=None, metavar="A:B",
-                   help="a dynamic batch dimension from A to B instead of a static --batch")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the student's native size)")
-    p.add_argument("--opset", type=int, default=18, help=f"ONNX opset (at least {MIN_OPSET})")
-    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
-                   help="torch.onnx.export's exporter: torchscript (tracing; about 8x faster to export here) or "
-                   "dynamo (torch.export; torch's recommended one)")
-    p.add_argument("--no-single", action="store_true", help="skip the classic single graph (c)")
-    p.add_argument("--device", default="cpu", help="where to trace and check: cpu, cuda, cuda:N")
-    return p
-
-
-def _parse_steps(text: str) -> list[int]:
-    try:
-        steps = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise OpadError(f"--steps must be a comma-separated list of {STUDENT_STEPS}, got {text!r}") from None
-    if not steps or any(s not in STUDENT_STEPS for s in steps):
-        raise OpadError(f"--steps must be a comma-separated list of {STUDENT_STEPS}, got {text!r}")
-    return steps
-
-
-def _parse_batch(args: argparse.Namespace) -> tuple[int, int]:
-    """(min, max) batch: equal for a static batch."""
-    if args.batch_range is None:
-        if args.batch < 1:
-            raise OpadError(f"--batch must be at least 1, got {args.batch}")
-        return args.batch, args.batch
-    return parse_range(args.batch_range)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.opset < MIN_OPSET:
-        raise OpadError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
-    check_output_options(args)
-    if args.fp16 and pick_device(args.device).type != "cuda":
-        raise OpadError("--fp16 exports trace and check on a GPU: pass --device cuda (the CPU has no fp16 kernels "
-                        "for the convolutions)")
 
 
 @contextlib.contextmanager
@@ -188,8 +118,8 @@ def _prompt_embeddings(bundle: ModelBundle, tokens: list[str], batch: int) -> to
 
 
 def export_onnx(args: argparse.Namespace) -> Path:
-    _check_args(args)
-    steps_list, batch = _parse_steps(args.steps), _parse_batch(args)
+    check_args(args)
+    steps_list, batch = parse_steps(args.steps), parse_batch(args)
     device = pick_device(args.device)
     dtype = torch.float16 if args.fp16 else torch.float32
     precision = "fp16" if args.fp16 else "fp32"
@@ -262,26 +192,3 @@ def export_onnx(args: argparse.Namespace) -> Path:
             "libraries": library_versions(),
         })
     return out
-
-
-def run_cli(work, args: argparse.Namespace) -> Path | None:
-    """``work(args)``, with a problem as one ``error:`` line (None) instead of a traceback."""
-    try:
-        return work(args)
-    except OpadError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except ImportError as e:  # onnx / onnxruntime / onnxscript missing
-        print(f"error: {first_line(e)}; install the export extra: pip install -e '.[export]'", file=sys.stderr)
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    out = run_cli(export_onnx, build_parser().parse_args(argv))
-    if out is None:
-        return 2
-    print(f"wrote the ONNX graphs and export.json to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
