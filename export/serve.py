@@ -14,8 +14,9 @@ import argparse
 import logging
 import sys
 
-from opad.errors import OpadError, first_line
 from opad.export.server.launch import serve
+
+from opad.errors import OpadError, first_line
 
 BACKEND_CHOICES = ("auto", "tensorrt", "compiled", "onnxruntime", "eager")
 

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from opad.config import DEVICE_PATTERN
-from opad.errors import OpadError
 from opad.export.engines.execution import execute, on_device, tensorrt
 from opad.export.engines.plan import (
     ENGINES,
@@ -29,6 +26,9 @@ from opad.export.engines.plan import (
 )
 from opad.export.exporter.export import TOLERANCE  # the same bound: |TensorRT - ONNX Runtime|
 from opad.export.exporter.sidecar import read_sidecar
+
+from opad.config import DEVICE_PATTERN
+from opad.errors import OpadError
 from opad.fsutil import check_output_folder, staged_dir
 
 

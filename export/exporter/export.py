@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from opad.export.exporter.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
+from opad.export.exporter.options import check_args, parse_batch, parse_steps
+from opad.export.exporter.precision import exact_fp32
+from opad.export.exporter.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 
 from opad.concept.folder import KV_FORMATS, concept_format, load_concept
 from opad.devices import pick_device
 from opad.diffusion.sampling import initial_noise
 from opad.errors import OpadError, first_line
-from opad.export.exporter.graphs import ConditioningGraph, DenoiseDecodeGraph, SingleGraph, token_embedding_table
-from opad.export.exporter.options import check_args, parse_batch, parse_steps
-from opad.export.exporter.precision import exact_fp32
-from opad.export.exporter.sidecar import concept_id, folder_hashes, library_versions, write_sidecar
 from opad.fsutil import staged_dir
 from opad.models.attention import cross_attention_layers
 from opad.models.loading import ModelBundle, load_models

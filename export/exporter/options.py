@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from opad.export.engines.plan import parse_range
+
 from opad.devices import pick_device
 from opad.diffusion.sampling import STUDENT_STEPS
 from opad.errors import OpadError, first_line
-from opad.export.engines.plan import parse_range
 from opad.generate import check_output_options
 
 EXPORTERS = ("dynamo", "torchscript")

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from opad.export.runtime.batch_plan import compiled_batch, take_rows
+from opad.export.runtime.eager import EagerBackend
 from torch import Tensor
 
 from opad.errors import OpadError
-from opad.export.runtime.batch_plan import compiled_batch, take_rows
-from opad.export.runtime.eager import EagerBackend
 
 # compilations allowed per compiled (steps, batch) variant: its one, and one spare for a guard that
 # changes after a first call; past it torch.compile raises (fullgraph) instead of running eager

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from opad.export.exporter.graphs import DenoiseDecodeGraph, encode_token_embeddings, token_embedding_table
+from opad.export.exporter.sidecar import folder_hashes
+from opad.export.runtime.backend import Backend, seeded_noise, token_ids
 from torch import Tensor
 
 from opad.concept.folder import kv_parameters, read_concept
 from opad.devices import pick_device, pick_dtype
 from opad.diffusion.sampling import STUDENT_STEPS
 from opad.errors import OpadError
-from opad.export.exporter.graphs import DenoiseDecodeGraph, encode_token_embeddings, token_embedding_table
-from opad.export.exporter.sidecar import folder_hashes
-from opad.export.runtime.backend import Backend, seeded_noise, token_ids
 from opad.kernels.kv_proj import kv_project
 from opad.models.attention import cross_attention_layers
 from opad.models.loading import load_models

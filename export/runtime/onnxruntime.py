@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from opad.errors import OpadError
 from opad.export.exporter.sidecar import check_matches, read_sidecar
 from opad.export.runtime.backend import Backend, baked, seeded_noise, token_ids
 from opad.export.runtime.batch_plan import batch_chunks, take_rows
+from torch import Tensor
+
+from opad.errors import OpadError
 
 
 class OnnxRuntimeBackend(Backend):

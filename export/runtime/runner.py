@@ -24,14 +24,14 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-
-from opad.devices import pick_device
-from opad.diffusion.sampling import STUDENT_STEPS
-from opad.errors import OpadError
 from opad.export.runtime.backend import Backend
 from opad.export.runtime.compiled import CompiledBackend
 from opad.export.runtime.eager import EagerBackend
 from opad.export.runtime.onnxruntime import OnnxRuntimeBackend
+
+from opad.devices import pick_device
+from opad.diffusion.sampling import STUDENT_STEPS
+from opad.errors import OpadError
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 KV_CACHE_SIZE = 256  # (concept, prompt) pairs whose K/V stay cached

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from opad.errors import OpadError
 from opad.export.engines.execution import bind, enqueue, io_names, on_device, profile_shapes, tensor_dtype, tensorrt
 from opad.export.engines.plan import ENGINES, REFIT_MAP, kv_parameter_names, refit_weights
 from opad.export.runtime.backend import Backend, baked, seeded_noise, token_ids
 from opad.export.runtime.batch_plan import batch_chunks, take_rows
 from opad.export.runtime.eager import EagerBackend
+from torch import Tensor
+
+from opad.errors import OpadError
 
 MAX_CONTEXTS = 4  # execution contexts (each with the engine's activation memory) kept at once
 
