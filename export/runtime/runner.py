@@ -84,8 +84,9 @@ class Runner:
             self._impl = OnnxRuntimeBackend(dict(onnx), {} if split else concepts, dtype)
         self._cond: Backend = self._impl
         if split:  # (a) in PyTorch beside the backend's (b), on the device the backend's inputs live on
-            self._cond = EagerBackend(student, concepts, str(self._impl.device), "float32")
-            self._cond.check_denoiser(self._impl)
+            conditioner = EagerBackend(student, concepts, str(self._impl.device), "float32")
+            conditioner.check_denoiser(self._impl)
+            self._cond = conditioner
 
     @property
     def concepts(self) -> list[str | None]:
