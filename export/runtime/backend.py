@@ -67,6 +67,6 @@ def token_ids(tokenizer, prompt: str) -> np.ndarray:
                      return_tensors="np").input_ids
 
 
-def baked(record: dict) -> str:
+def baked_concept(record: dict) -> str:
     """The concept an export's denoise+decode graph holds (a lora/unet one), or "base"."""
     return record.get("denoiser_concept") or "base"

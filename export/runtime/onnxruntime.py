@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from opad.export.exporter.sidecar import check_matches, read_sidecar
-from opad.export.runtime.backend import Backend, baked, seeded_noise, token_ids
+from opad.export.runtime.backend import Backend, baked_concept, seeded_noise, token_ids
 from opad.export.runtime.batch_plan import batch_chunks, take_rows
 from torch import Tensor
 
@@ -34,12 +34,12 @@ class OnnxRuntimeBackend(Backend):
             self.records[name] = record
         first_name = next(iter(folders))
         first = self.records[first_name]
-        baked = [name for name, record in self.records.items() if baked(record) != "base"]
+        baked = [name for name, record in self.records.items() if baked_concept(record) != "base"]
         if baked and len(folders) > 1:
             fmt = self.records[baked[0]].get("concept_format")
             raise OpadError(f"export {folders[baked[0]]} bakes its {fmt} concept into its denoise graph, so it "
                             "serves that concept alone; run it as the only export")
-        self.denoiser_concept = baked(first)
+        self.denoiser_concept = baked_concept(first)
         for name, record in self.records.items():  # one denoise+decode graph serves them all
             for field in ("student_hashes", "precision", "resolution", "shapes", "batch"):
                 if record[field] != first[field]:

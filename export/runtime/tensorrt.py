@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from opad.export.engines.execution import bind, enqueue, io_names, on_device, profile_shapes, tensor_dtype, tensorrt
 from opad.export.engines.plan import ENGINES, REFIT_MAP, kv_parameter_names, refit_weights
-from opad.export.runtime.backend import Backend, baked, seeded_noise, token_ids
+from opad.export.runtime.backend import Backend, baked_concept, seeded_noise, token_ids
 from opad.export.runtime.batch_plan import batch_chunks, take_rows
 from opad.export.runtime.eager import EagerBackend
 from torch import Tensor
@@ -166,7 +166,7 @@ class TensorRTBackend(Backend):
         self.record = json.loads((folder / ENGINES).read_text())
         if not self.record.get("built"):
             raise OpadError(f"{engines} holds a --plan-only build: no engines to run")
-        self.denoiser_concept = baked(self.record)
+        self.denoiser_concept = baked_concept(self.record)
         if self.denoiser_concept != "base":  # its base conditioning below would be the plain student's
             raise OpadError(f"{engines} were built from an export with a {self.record.get('concept_format')} "
                             "concept baked into its denoise graph; run that export with the onnxruntime backend")
