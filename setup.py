@@ -69,10 +69,13 @@ setup(
     version="0.1.0",
     description="One-step diffusion personalization by adversarial concept distillation (OPAD)",
     python_requires=">=3.10",
-    packages=find_packages(include=["opad", "opad.*"]) + ["opad.export"],
-    # DESIGN.md §3: the export lives in export/ but installs as opad.export. The Triton kernels live in
-    # opad/kernels/, not a top-level kernels/: run from the repository root, a top-level kernels/ package
-    # would shadow Hugging Face's `kernels`, which transformers (>= 5.25) requires and imports.
+    # DESIGN.md §3: the export lives in export/ but installs as opad.export, its subpackages (exporter/,
+    # engines/, runtime/, server/) as opad.export.*; a checkout's opad/export link is not searched twice
+    packages=find_packages(include=["opad", "opad.*"], exclude=["opad.export", "opad.export.*"])
+    + ["opad.export"] + [f"opad.export.{name}" for name in find_packages("export")],
+    # The Triton kernels live in opad/kernels/, not a top-level kernels/: run from the repository root,
+    # a top-level kernels/ package would shadow Hugging Face's `kernels`, which transformers (>= 5.25)
+    # requires and imports.
     package_dir={"opad.export": "export"},
     # the mini world's trained weights ship inside the package (opad/world/weights, a few MB)
     package_data={"opad.world": ["weights/*.json", "weights/*/*.json", "weights/*/*.safetensors",

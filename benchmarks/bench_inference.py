@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from common import measure, write_rows
 from opad.export import export_onnx
-from opad.export.graphs import DenoiseDecodeGraph
+from opad.export.exporter.graphs import DenoiseDecodeGraph
 from opad.export.runtime import Runner, seeded_noise
 
 from opad.devices import pick_device

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_rows
 from opad.export import export_onnx
 from opad.export.runtime import Runner
-from opad.export.serve import ThreadedServer
-from opad.export.server_app import Settings, build_app
+from opad.export.server.app import Settings, build_app
+from opad.export.server.launch import ThreadedServer
 
 from opad.devices import pick_device
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from exportutil import micro_student
-from opad.export import runtime
-from opad.export.runtime import Runner
+from opad.export.runtime import Runner, compiled
 
 from opad.errors import OpadError
 
@@ -60,7 +59,7 @@ def test_without_isolated_regions_the_shared_limit_covers_every_variant(micro, m
     """torch before 2.14 (the GPU image's 2.11) has no isolate_recompiles: all variants then share
     the code object's limit of 8, and the runner lifts it while they run, so 9 variants still each
     compile once and none falls back to eager; the global setting is left as it was."""
-    monkeypatch.setattr(runtime, "ISOLATED_RECOMPILES", False)
+    monkeypatch.setattr(compiled, "ISOLATED_RECOMPILES", False)
     torch._dynamo.reset()  # no compiled entries of other tests on the shared code object
     backend = Counting()
     runner = Runner("compiled", student=str(micro), compile_backend=backend)
@@ -78,20 +77,20 @@ def test_a_variant_past_its_recompile_limit_is_an_error(micro, monkeypatch, isol
     variant's region), the compilation past its limit is one clear error, not a silent eager run:
     with isolated regions (torch >= 2.14) RECOMPILE_LIMIT of its own; without (the GPU image's torch
     2.11) RECOMPILE_LIMIT for each variant made, shared (here one variant, the global floor set low)."""
-    if isolated and not runtime.ISOLATED_RECOMPILES:
+    if isolated and not compiled.ISOLATED_RECOMPILES:
         pytest.skip(f"torch {torch.__version__} has no isolate_recompiles")
-    monkeypatch.setattr(runtime, "ISOLATED_RECOMPILES", isolated)
+    monkeypatch.setattr(compiled, "ISOLATED_RECOMPILES", isolated)
     if not isolated:
         torch._dynamo.reset()  # nothing of other tests on the shared code object
-        monkeypatch.setattr(runtime, "_variants_made", 0)
+        monkeypatch.setattr(compiled, "_variants_made", 0)
         monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     backend = Counting()
     runner = Runner("compiled", student=str(micro), compile_backend=backend)
     shared = runner._impl.variant(1, 1)
     monkeypatch.setattr(runner._impl, "variant", lambda steps, batch: shared)
-    for batch in range(1, runtime.RECOMPILE_LIMIT + 1):
+    for batch in range(1, compiled.RECOMPILE_LIMIT + 1):
         runner.run_batch(_images(batch), 1)
-    assert backend.graphs == runtime.RECOMPILE_LIMIT
+    assert backend.graphs == compiled.RECOMPILE_LIMIT
     allowed = "2" if isolated else "the 2 all variants share"
     with pytest.raises(OpadError, match=f"the compiled 1-step graph for batch 4 needed more than {allowed} compil"):
         runner.run_batch(_images(3), 1)

@@ -278,8 +278,8 @@ def test_read_concept_refuses_lora_and_unet_and_serves_textual_inversion(made, t
 
 
 def test_server_store_serves_textual_inversion_and_skips_lora_in_one_line(made, tiny_dir, tmp_path, caplog):
-    from opad.export.concept_store import ConceptStore
     from opad.export.runtime import Runner
+    from opad.export.server.concept_store import ConceptStore
 
     shutil.copytree(made["textual-inversion"], tmp_path / "ti" / "concept")  # a whole trainer output folder
     shutil.copytree(made["lora"], tmp_path / "lo")
@@ -295,8 +295,8 @@ def test_server_store_serves_textual_inversion_and_skips_lora_in_one_line(made, 
 def test_an_export_bakes_a_lora_concept_in_and_serves_it_alone(made, tiny_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from exportutil import export
+    from opad.export.exporter.sidecar import concept_id, read_sidecar
     from opad.export.runtime import Runner
-    from opad.export.sidecar import concept_id, read_sidecar
 
     out = export(tmp_path / "onnx", tiny_dir / "student", made["lora"], no_single=True)
     record = read_sidecar(out)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-
-from opad.errors import OpadError
+from exportutil import PROMPT, export, generate, make_concept
 from opad.export import export_onnx
 from opad.export.runtime import Runner
 
-from exportutil import PROMPT, export, generate, make_concept
+from opad.errors import OpadError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +107,26 @@ def test_eager_runner_is_exactly_generate_and_switching_concepts_is_clean(world)
     assert batch.shape == (3, 64, 64, 3) and np.abs(batch[2].astype(int) - pixels).max() <= 1
 
 
+def test_every_backend_implements_the_declared_interface(tiny_dir):
+    """Each backend the Runner can pick subclasses runtime.backend.Backend with nothing left abstract,
+    and the backends a Runner holds are Backends."""
+    import inspect
+
+    from opad.export.runtime import BACKENDS, Backend
+    from opad.export.runtime.compiled import CompiledBackend
+    from opad.export.runtime.eager import EagerBackend
+    from opad.export.runtime.onnxruntime import OnnxRuntimeBackend
+    from opad.export.runtime.tensorrt import TensorRTBackend
+
+    classes = {"eager": EagerBackend, "compiled": CompiledBackend, "onnxruntime": OnnxRuntimeBackend,
+               "tensorrt": TensorRTBackend}
+    assert sorted(classes) == sorted(BACKENDS)
+    for name, cls in classes.items():
+        assert issubclass(cls, Backend) and not inspect.isabstract(cls), name
+    runner = Runner("eager", student=str(tiny_dir / "student"))
+    assert isinstance(runner._impl, Backend) and runner.warm_up_batches(8) == [1]
+
+
 def test_onnxruntime_runner_agrees_with_generate(world):
     runner = Runner("onnxruntime", onnx={"a": str(world["onnx_a"]), "b": str(world["onnx_b"])},
                     concepts={"a": str(world["a"]), "b": str(world["b"])})
@@ -137,7 +156,9 @@ def test_sidecar_refuses_an_export_of_another_concept_or_precision(world):
 
 
 def test_dynamo_exporter_with_a_batch_range_and_external_data(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_onnx, "LARGE", 0)  # as if past 2 GB: the weights go to NAME.onnx.data
+    from opad.export.exporter import export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "LARGE", 0)  # as if past 2 GB: the weights go to NAME.onnx.data
     out = export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
                   batch_range="1:3")
     assert (out / "denoise_decode_1step.onnx.data").is_file() and (out / "conditioning.onnx.data").is_file()
@@ -187,8 +208,9 @@ def test_cli_entry_points(capsys):
     run = subprocess.run([sys.executable, str(REPO / "export" / "build_trt.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "refit_map.json" in run.stdout and "Unverified" in run.stdout, run.stderr
-    from opad import cli
     from opad.export import build_trt
+
+    from opad import cli
 
     for main, argv, wanted in ((export_onnx.main, ["--help"], "denoise_decode_{N}step.onnx"),
                                (cli.main, ["export", "onnx", "--help"], "denoise_decode_{N}step.onnx"),
@@ -214,9 +236,8 @@ def test_refit_map_switches_concepts_exactly(world):
     the engine: A's graph refitted with B's weights gives B's K/V; refitted back, exactly A's."""
     import onnx
     import onnxruntime as ort
-
-    from opad.export.build_trt import kv_parameters_of
-    from opad.export.trt_plan import refit_map, refit_onnx, refit_weights
+    from opad.export.engines.build import kv_parameters_of
+    from opad.export.engines.plan import refit_map, refit_onnx, refit_weights
 
     record = json.loads((world["onnx_a"] / "export.json").read_text())
     params_a = kv_parameters_of(record)
@@ -240,7 +261,7 @@ def test_refit_map_switches_concepts_exactly(world):
 
 
 def test_trt_profiles_follow_the_export(world):
-    from opad.export.trt_plan import parse_batch_range, profile_shapes
+    from opad.export.engines.plan import parse_batch_range, profile_shapes
 
     record = json.loads((world["onnx_a"] / "export.json").read_text())
     assert parse_batch_range(None, record["batch"]) == (1, 1, 1)
@@ -281,7 +302,8 @@ def test_build_trt_plan_only_writes_the_refit_map_and_sidecar(world, tmp_path):
 def test_the_denoise_graph_keeps_its_schedule_on_the_unets_device(tiny_dir):
     """alphas_cumprod lives where the UNet does (here the meta device): left on the CPU it would be a
     host->device copy per step, inside the CUDA graph on a GPU."""
-    from opad.export.graphs import DenoiseDecodeGraph
+    from opad.export.exporter.graphs import DenoiseDecodeGraph
+
     from opad.models.loading import load_models
 
     bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from exportutil import PROMPT, export, generate, make_concept
 from opad.export import serve
-from opad.export.concept_store import ConceptStore
 from opad.export.runtime import Runner
-from opad.export.server_app import Settings, build_app
+from opad.export.server import launch
+from opad.export.server.app import Settings, build_app
+from opad.export.server.concept_store import ConceptStore
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ class LiveServer:
 
     def __init__(self, make_runner, concepts: Path | None, settings: Settings) -> None:
         self.settings = settings  # as the server does: the runner built and used on one thread
-        self.server = serve.ThreadedServer(build_app(make_runner, concepts, settings).app)
+        self.server = launch.ThreadedServer(build_app(make_runner, concepts, settings).app)
         self.port = self.server.port
         deadline = time.time() + 60
         while self.request("GET", "/ready")[0] != 200:
@@ -363,8 +364,8 @@ def test_opad_serve_command_runs_end_to_end(world, tmp_path):
 
 def test_compiled_backend_pads_batches_to_a_power_of_two(world, monkeypatch):
     """The padding alone (the compile itself is the export tests'): 3 images run as a batch of 4."""
-    from opad.export import runtime
-    from opad.export.graphs import DenoiseDecodeGraph
+    from opad.export.exporter.graphs import DenoiseDecodeGraph
+    from opad.export.runtime.batch_plan import compiled_batch
 
     compiled = Runner("compiled", student=str(world["student"]))
     seen = []
@@ -378,7 +379,7 @@ def test_compiled_backend_pads_batches_to_a_power_of_two(world, monkeypatch):
     got, _ = compiled.run_batch(items, 1)
     want, _ = Runner("eager", student=str(world["student"])).run_batch(items, 1)
     assert seen == [4] and got.shape[0] == 3 and np.abs(got.astype(int) - want.astype(int)).max() <= 1
-    assert [runtime.compiled_batch(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert [compiled_batch(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert compiled.warm_up_batches(6) == [1, 2, 4, 8]
 
 
@@ -386,15 +387,15 @@ def test_backend_auto_says_why(tmp_path, caplog):
     parse = serve.build_parser().parse_args
     gpu = __import__("torch").cuda.is_available()
     with caplog.at_level(logging.INFO, logger="opad.serve"):
-        assert serve.choose_backend(parse(["--engines", str(tmp_path), "--device", "cpu"])) == "eager"
-        assert serve.choose_backend(parse(["--onnx", str(tmp_path), "--device", "cpu"])) == "onnxruntime"
-        assert serve.choose_backend(parse(["--backend", "eager", "--onnx", str(tmp_path)])) == "eager"
+        assert launch.choose_backend(parse(["--engines", str(tmp_path), "--device", "cpu"])) == "eager"
+        assert launch.choose_backend(parse(["--onnx", str(tmp_path), "--device", "cpu"])) == "onnxruntime"
+        assert launch.choose_backend(parse(["--backend", "eager", "--onnx", str(tmp_path)])) == "eager"
     messages = [r.getMessage() for r in caplog.records]
     assert "backend auto: not tensorrt: no CUDA GPU" in messages
     assert "backend auto: not onnxruntime: no --onnx export folder" in messages
     assert "backend auto: onnxruntime" in messages
     if not gpu:
-        assert serve.choose_backend(parse([])) == "eager"
+        assert launch.choose_backend(parse([])) == "eager"
 
 
 def test_ready_says_what_is_left_to_warm_up_and_the_budget_bounds_the_wait(world):
@@ -414,7 +415,7 @@ def test_ready_says_what_is_left_to_warm_up_and_the_budget_bounds_the_wait(world
         runner.run_batch = gated
         return runner
 
-    server = serve.ThreadedServer(build_app(make_runner, None, Settings(warm_up_budget_s=0.3)).app)
+    server = launch.ThreadedServer(build_app(make_runner, None, Settings(warm_up_budget_s=0.3)).app)
     client = LiveServer.__new__(LiveServer)
     client.port = server.port
 

@@ -17,9 +17,13 @@ import pytest
 import torch
 from exportutil import PROMPT, export, generate, make_concept
 from onnx import numpy_helper
-from opad.export import build_trt, export_onnx, graphs, trt_runner
-from opad.export.precision import exact_fp32, tf32_state
+from opad.export import build_trt
+from opad.export.engines import build as engine_build
+from opad.export.exporter import export as onnx_export
+from opad.export.exporter import graphs
+from opad.export.exporter.precision import exact_fp32, tf32_state
 from opad.export.runtime import Runner
+from opad.export.runtime import tensorrt as trt_backend
 
 from opad.errors import OpadError
 
@@ -52,8 +56,8 @@ def fp16_conditioning_export(onnx_dir: Path, out: Path, student: Path, concept: 
     bundle = load_models(student=str(student), dtype=torch.float16, load_teacher=False)
     tokens = load_concept(concept, bundle.student_unet, bundle.tokenizer, bundle.text_encoder)
     with torch.no_grad():
-        embeds = export_onnx._prompt_embeddings(bundle, tokens, record["batch"][1])
-        export_onnx._export(graphs.ConditioningGraph(bundle).eval(), (embeds,), out / "conditioning.onnx",
+        embeds = onnx_export._prompt_embeddings(bundle, tokens, record["batch"][1])
+        onnx_export._export(graphs.ConditioningGraph(bundle).eval(), (embeds,), out / "conditioning.onnx",
                             ["token_embeds"], record["kv_names"], tuple(record["batch"]), record["opset"],
                             record["exporter"])
     (out / "export.json").write_text(json.dumps({**record, "precision": "fp16"}))
@@ -84,7 +88,7 @@ def fake():
     """The fake TensorRT in place of the real one (and of its GPU check) for this module."""
     trt = faketrt.make()
     with pytest.MonkeyPatch.context() as patch:
-        for module in (build_trt, trt_runner):
+        for module in (engine_build, trt_backend):
             patch.setattr(module, "tensorrt", lambda device=None: trt)
         yield trt
 
@@ -192,7 +196,7 @@ def test_batches_are_cut_and_padded_to_the_engines_profile(world, engines, fake,
 
 
 def test_a_shape_outside_the_profile_is_one_clear_error(engines, fake):
-    from opad.export.trt_engine import bind
+    from opad.export.engines.execution import bind
 
     runner = Runner("tensorrt", engines=str(engines["static1"]), device="cpu")
     engine = runner._impl.denoisers[1].engine
@@ -205,7 +209,7 @@ def test_a_shape_outside_the_profile_is_one_clear_error(engines, fake):
 def test_execution_contexts_are_bounded(world, engines, fake, monkeypatch):
     """At most MAX_CONTEXTS execution contexts live (the least recently used dropped), and the
     runner makes the images again after dropping one."""
-    monkeypatch.setattr(trt_runner, "MAX_CONTEXTS", 2)
+    monkeypatch.setattr(trt_backend, "MAX_CONTEXTS", 2)
     runner = Runner("tensorrt", engines=str(engines["fp32"]), device="cpu")
     alive = fake.live_contexts()
     first = runner.generate("a photo", None, seed=40)
@@ -277,7 +281,7 @@ def test_cuda_graph_launch_captures_and_replays_on_its_device():
             return True
 
     x.fill_(3)  # on the current stream, just before the warm-up reads it on the side stream
-    run, graph = trt_runner.CudaGraphLaunch(device).prepare(Context())
+    run, graph = trt_backend.CudaGraphLaunch(device).prepare(Context())
     assert torch.equal(y, torch.full_like(x, 6))
     for value in (1.5, -2.0):
         x.fill_(value)

@@ -1,5 +1,5 @@
 """Running TensorRT engines on torch buffers (TensorRT 10 API), shared by the build's parity check and
-the runner's ``tensorrt`` backend (:mod:`opad.export.trt_runner`).
+the runner's ``tensorrt`` backend (:mod:`opad.export.runtime.tensorrt`).
 
 Everything happens on the device it is given (``cuda:N``): TensorRT allocates on the current CUDA
 device, so deserializing, creating contexts and enqueueing run under :func:`on_device`.

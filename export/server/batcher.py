@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from opad.export.runtime import Runner
-from opad.export.server_metrics import Metrics
+from opad.export.server.metrics import Metrics
 
 log = logging.getLogger("opad.serve")
 

@@ -20,6 +20,7 @@ import numpy as np
 from opad.errors import OpadError
 
 REFIT_MAP = "refit_map.json"
+ENGINES = "engines.json"  # the engines folder's sidecar
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from opad.export.batcher import Batcher, ModelThread, QueueFull
-from opad.export.concept_store import BASE, ConceptStore, is_plain_name
 from opad.export.runtime import Runner
-from opad.export.server_metrics import Metrics
-from opad.export.server_request import ApiError, parse_generation, parse_json
+from opad.export.server.batcher import Batcher, ModelThread, QueueFull
+from opad.export.server.concept_store import BASE, ConceptStore, is_plain_name
+from opad.export.server.metrics import Metrics
+from opad.export.server.request import ApiError, parse_generation, parse_json
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 

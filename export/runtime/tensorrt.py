@@ -4,7 +4,7 @@
 - The conditioning engine is refitted per concept with every K/V weight of the refit map, each in
   its original (ONNX initializer's) dtype, and run per (concept, prompt).
 - A batch of any size is cut to the engine's optimization profile (the rule of
-  :func:`opad.export.batch_plan.batch_chunks`, shared with ONNX Runtime): at most its max batch per
+  :func:`opad.export.runtime.batch_plan.batch_chunks`, shared with ONNX Runtime): at most its max batch per
   call, padded up to its min batch; the denoise+decode engines' run sizes rounded up to a power of
   two, so that batches of 1..8 on a profile of 1..8 use 4 sizes.
 - One execution context per (engine, run size), with its buffers and (on a GPU) its CUDA graph, made
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from opad.export.engines.execution import bind, enqueue, io_names, on_device, profile_shapes, tensor_dtype, tensorrt
+from opad.export.engines.plan import ENGINES, REFIT_MAP, kv_parameter_names, refit_weights
+from opad.export.runtime.backend import Backend, baked_concept, seeded_noise, token_ids
+from opad.export.runtime.batch_plan import batch_chunks, take_rows
+from opad.export.runtime.eager import EagerBackend
 from torch import Tensor
 
 from opad.errors import OpadError
-from opad.export.batch_plan import batch_chunks, take_rows
-from opad.export.build_trt import ENGINES
-from opad.export.runtime import _baked, _Eager, _token_ids, seeded_noise
-from opad.export.trt_engine import bind, enqueue, io_names, on_device, profile_shapes, tensor_dtype, tensorrt
-from opad.export.trt_plan import REFIT_MAP, kv_parameter_names, refit_weights
 
 MAX_CONTEXTS = 4  # execution contexts (each with the engine's activation memory) kept at once
 
@@ -154,7 +154,7 @@ def concept_refits(entries: list[dict], unet, concepts: dict) -> dict[str | None
             for name, (_, _, kv) in concepts.items()}
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """The engines of one ``build_trt.py`` folder on ``device`` (see the module docstring)."""
 
     def __init__(self, engines: str, concepts: dict[str, str], device: torch.device, *,
@@ -166,13 +166,13 @@ class TensorRTBackend:
         self.record = json.loads((folder / ENGINES).read_text())
         if not self.record.get("built"):
             raise OpadError(f"{engines} holds a --plan-only build: no engines to run")
-        self.denoiser_concept = _baked(self.record)
+        self.denoiser_concept = baked_concept(self.record)
         if self.denoiser_concept != "base":  # its base conditioning below would be the plain student's
             raise OpadError(f"{engines} were built from an export with a {self.record.get('concept_format')} "
                             "concept baked into its denoise graph; run that export with the onnxruntime backend")
         entries = json.loads((folder / REFIT_MAP).read_text())
         # tokenizers, token tables and each concept's refit weights come from the student itself
-        self.cpu = _Eager(self.record["student"], concepts, "cpu", "float32")
+        self.cpu = EagerBackend(self.record["student"], concepts, "cpu", "float32")
         self.concepts = self.cpu.concepts
         self.refits = concept_refits(entries, self.cpu.bundle.student_unet, self.concepts)
         self.trt, self.device = trt, device
@@ -215,7 +215,7 @@ class TensorRTBackend:
     def conditioning(self, concept: str | None, prompt: str) -> list[Tensor]:
         tokenizer, table, _ = self.concepts[concept]
         self._refit(concept)
-        embeds = table[torch.from_numpy(_token_ids(tokenizer, prompt))]
+        embeds = table[torch.from_numpy(token_ids(tokenizer, prompt))]
         outs = self.conditioner.run({"token_embeds": embeds})
         return [outs[name] for name in self.record["kv_names"]]
 
