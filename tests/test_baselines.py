@@ -16,9 +16,10 @@ from trainutil import make_cfg, make_trainer, write_class_images
 
 from opad import generate
 from opad.concept.folder import kv_parameters
-from opad.config import BASELINES, TrainConfig
+from opad.config import BASELINES, TrainConfig, config_from_args
 from opad.errors import OpadError
 from opad.train.checkpoint import latest_checkpoint, load_checkpoint
+from opad.train.cli import build_parser
 from opad.train.methods.finetune import StudentFinetune
 
 PROMPT = "a photo of <new1> toy on the beach"
@@ -140,9 +141,9 @@ def test_baseline_config_resolves_opad_terms_off():
     assert (resolved("lora").max_steps, resolved("lora").student_lr) == (800, 1e-4)
     assert resolved("textual-inversion").max_steps == 4000
     assert resolved("custom-diffusion").student_lr == pytest.approx(2e-5)  # 1e-5 x batch 2
-    assert resolved("teacher-first").teacher_first and resolved("lora").lora_alpha == 4.0
+    assert resolved("teacher-first").method == "teacher-first" and resolved("lora").lora_alpha == 4.0
     with pytest.raises(OpadError, match="--teacher-first is --method teacher-first"):
-        make_cfg("x", method="lora", teacher_first=True).validate()
+        config_from_args(build_parser().parse_args(["--output-dir", "x", "--method", "lora", "--teacher-first"]))
     with pytest.raises(OpadError, match="--method must be one of"):
         make_cfg("x", method="dreamboth").validate()
 

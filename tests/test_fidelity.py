@@ -175,7 +175,7 @@ def test_without_the_teacher_the_student_loss_trains_the_token(tiny_dir, tmp_pat
 
 
 # 6. The teacher-first baseline (paper §12, Table 6) -----------------------------------------------
-TEACHER_FIRST = dict(teacher_first=True, max_steps=4, teacher_first_steps=2, teacher_first_samples=3,
+TEACHER_FIRST = dict(method="teacher-first", max_steps=4, teacher_first_steps=2, teacher_first_samples=3,
                      teacher_first_sample_steps=2, checkpoint_every=10)
 
 

@@ -4,7 +4,7 @@
 authors' public ``train_opad.py`` (github.com/liulisixin/OPAD-code, commit 0339290) point by
 point. A profile only fills the fields the user left unset; every flag still overrides it.
 
-``python -m opad.profiles`` prints the table that the README shows (a test keeps them equal).
+``python -m opad.config.profiles`` prints the table that the README shows (a test keeps them equal).
 """
 
 from __future__ import annotations

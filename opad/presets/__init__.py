@@ -27,7 +27,8 @@ class Preset:
     folder: Callable[[], Path]  # holds teacher/ and student/, diffusers pipeline folders
     backbones: Callable[[], dict[str, str]]  # backbone name -> its --backbone-weights source
     concept: Callable[[], tuple[Path, str]]  # the bundled concept: its photos' folder and class word
-    train_defaults: dict = field(default_factory=dict)  # TrainConfig fields it sets when the user did not
+    # TrainConfig fields it sets when the user did not (before the profile's and the method's: opad.config.defaults)
+    train_defaults: dict = field(default_factory=dict)
 
 
 def _tiny_folder() -> Path:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from opad.config import add_config_arguments, config_from_args
+from opad.config import add_config_arguments, config_from_args, declared
 from opad.errors import OpadError
 
 
@@ -35,7 +35,7 @@ def run(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     if getattr(args, "resume", False) and args.config is None:
         # a resumed run starts from its own config.json; flags given now override it
-        saved = Path(getattr(args, "output_dir", "opad-output")) / "config.json"
+        saved = Path(getattr(args, "output_dir", declared("output_dir"))) / "config.json"
         if saved.is_file():
             args.config = str(saved)
     cfg = config_from_args(args)

@@ -1,16 +1,15 @@
 """Training methods: each supplies its trainable parameters and its step to the shared loop.
 
-``--method`` names one; its module is imported only when it is chosen.
+``--method`` names one; its module is imported only when it is chosen. ``METHOD_CLASSES`` is the one
+list of method names: opad.config reads it for ``--method`` (so this module imports nothing heavy).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from opad.config import METHODS
-
-# --method -> module:class (opad.config.METHODS lists the same names, for the CLI)
-_CLASSES = {
+# --method -> module:class: OPAD, its teacher-first variant, and the paper's Table-5 baselines
+METHOD_CLASSES: dict[str, str] = {
     "opad": "opad.train.methods.opad:OpadMethod",
     "teacher-first": "opad.train.methods.teacher_first:TeacherFirstMethod",
     "custom-diffusion": "opad.train.methods.custom_diffusion:CustomDiffusion",
@@ -18,9 +17,10 @@ _CLASSES = {
     "lora": "opad.train.methods.lora:Lora",
     "textual-inversion": "opad.train.methods.textual_inversion:TextualInversion",
 }
-assert set(_CLASSES) == set(METHODS)
+# the Table-5 baselines train the student alone: no teacher, discriminators or collaborative stage
+BASELINES: tuple[str, ...] = ("custom-diffusion", "dreambooth", "lora", "textual-inversion")
 
 
 def method_class(name: str) -> type:
-    module, cls = _CLASSES[name].split(":")
+    module, cls = METHOD_CLASSES[name].split(":")
     return getattr(importlib.import_module(module), cls)
