@@ -6,7 +6,7 @@ Training runs each backbone forward + backward to the image about three times pe
 iteration (the student's image for the generator, real and fake for the discriminator), and the
 backward costs about twice the forward. The small backbones are also timed on this machine
 (forward + gradient to the input, batch 1; --time-all times every one); those rows go to
-benchmarks/results.csv as backbone/<name>, provider torch, shape b1x<size>px. A markdown table is
+benchmarks/results/results.csv as backbone/<name>, provider torch, shape b1x<size>px. A markdown table is
 printed.
 
     python benchmarks/bench_backbone_cost.py

@@ -2,7 +2,7 @@
 per backbone, gradients summed by autograd), and the whole backbone ensemble around it.
 
 Default: a 2x3x512² image (the student's decode) -> the three backbone inputs {224 DINO,
-518 DINOv2, 224 CLIP}, antialiased, each with its mean/std. Rows (benchmarks/results.csv):
+518 DINOv2, 224 CLIP}, antialiased, each with its mean/std. Rows (benchmarks/results/results.csv):
 
 - ``feature_pass_fwd`` / ``feature_pass_fwd_bwd``: the op alone;
 - ``ensemble_fwd_bwd``: every backbone's features of the image and the image gradient, i.e.

@@ -17,7 +17,7 @@ Measures the wall time of one call that makes --batch images at --resolution (de
 
 Each provider runs in its own process (its peak memory is its own: RSS on the CPU, CUDA's max allocated
 on a GPU); one table compares them, each row with its ratio to diffusers. Rows (name fullsize/infer_1step,
-shape bNxRES) go to benchmarks/results.csv.
+shape bNxRES) go to benchmarks/results/results.csv.
 
     python benchmarks/bench_fullsize_inference.py --models DIR [--batch 8] [--providers eager,onnxruntime]
     python benchmarks/bench_fullsize_inference.py --write-models    # writes opad.fullsize to a temp dir first

@@ -14,7 +14,7 @@ CUDA-synchronised on a GPU):
 - discriminator step (backbones on real photos + heads) | heads backward + optimizer.
 
 Peak memory: the process's peak RSS on the CPU, CUDA's max allocated on a GPU. Rows (name
-fullsize/train/PHASE, shape bNxRES,...) go to benchmarks/results.csv.
+fullsize/train/PHASE, shape bNxRES,...) go to benchmarks/results/results.csv.
 
     python benchmarks/bench_fullsize_train.py --models DIR [--resolution 512] [--batch-size 2]
     python benchmarks/bench_fullsize_train.py --write-models --resolution 256 --batch-size 1   # this CPU

@@ -4,7 +4,7 @@ Stages: ``conditioning`` (token embeddings -> every cross-attention K/V; once pe
 prompt) when serving, so not in end_to_end), ``unet`` (the student's step(s) with the K/V given),
 ``vae_decode``, ``postprocess`` (to uint8 NHWC) -- eager only; ONNX Runtime runs the last three as
 one graph, ``denoise_decode``. ``end_to_end`` is ``Runner.generate`` with the K/V cached (noise,
-denoise, decode, uint8), with images/s. Rows go to benchmarks/results.csv.
+denoise, decode, uint8), with images/s. Rows go to benchmarks/results/results.csv.
 
     python benchmarks/bench_inference.py [--student DIR] [--steps 1] [--batches 1,4,8] [--device auto]
 

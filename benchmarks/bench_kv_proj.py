@@ -2,7 +2,7 @@
 
 Default: SD 2.1's 16 cross-attention layers (widths 320 x 5, 640 x 5, 1280 x 6; 64-wide heads),
 context B=2, L=77, D=1024, gradients for the weights and the context. Rows go to
-benchmarks/results.csv (name kv_proj_fwd_bwd). Without a GPU only the reference is timed.
+benchmarks/results/results.csv (name kv_proj_fwd_bwd). Without a GPU only the reference is timed.
 
     python benchmarks/bench_kv_proj.py [--batch 2] [--tokens 77] [--dim 1024] [--device auto]
 """

@@ -4,7 +4,7 @@ per backend this machine has, beside the runner's own batch-``max_batch`` images
 Each backend gets a server in this process (``export/serve.py``'s app under uvicorn on 127.0.0.1);
 ``--concurrency`` clients send 1-image requests (prompts and seeds varying, so K/V caching and
 batching both happen as they would in service) until ``--requests`` answers or ``--seconds`` pass.
-Rows go to benchmarks/results.csv: ``serve/http`` (median_ms/p95_ms = request latency,
+Rows go to benchmarks/results/results.csv: ``serve/http`` (median_ms/p95_ms = request latency,
 images_per_s = throughput) and ``serve/runner`` (the runner alone, one batch of ``max_batch``).
 The target on a GPU is HTTP throughput >= 90% of the runner's batch images/s.
 

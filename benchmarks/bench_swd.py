@@ -1,7 +1,7 @@
 """MS-SWD forward+backward, Triton kernel vs the torch reference, at the training size.
 
 Default: 2 x 3 x 512 x 512, 5 scales, 128 directions, 11 x 11 patches (the paper's). Rows go to
-benchmarks/results.csv (name ms_swd_fwd_bwd, provider reference|triton). Without a GPU only the
+benchmarks/results/results.csv (name ms_swd_fwd_bwd, provider reference|triton). Without a GPU only the
 reference is timed: the kernel runs on the CPU only in Triton's interpreter, which measures nothing.
 
     python benchmarks/bench_swd.py [--size 512] [--batch 2] [--repeats 5] [--device auto]
@@ -11,7 +11,7 @@ The sweep times the kernel's sort-and-reduce step alone for one chunk of directi
 pyramid level's size (rows swd_sort, providers registers|torch): opad.kernels._swd_triton.REGISTER_SORT_MAX
 should be the largest size at which registers win. The register sort is timed only up to
 opad.kernels._swd_triton.REGISTER_SORT_CAP (4096), the largest size it compiles for without spilling
-(benchmarks/kernel_resources.csv); larger levels time torch's sort alone.
+(benchmarks/results/kernel_resources.csv); larger levels time torch's sort alone.
 """
 
 from __future__ import annotations

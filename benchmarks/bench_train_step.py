@@ -4,7 +4,7 @@ with ``--method`` a baseline's (or teacher-first's) whole iteration.
 Stages: teacher step (forward, backward, optimizer), student UNet + VAE decode, the alignment
 target (teacher CFG x0 + decode), MS-SWD forward+backward, each discriminator's generator side
 (backbone on the student image + head + backward) and discriminator side (backbone on real photos
-+ head + loss + backward), and each optimizer step. Rows go to benchmarks/results.csv.
++ head + loss + backward), and each optimizer step. Rows go to benchmarks/results/results.csv.
 
     python benchmarks/bench_train_step.py                 # tiny preset, CPU or the GPU there is
     python benchmarks/bench_train_step.py --teacher DIR --student DIR --backbone-weights clip=FILE,...

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 # OPAD_RESULTS redirects the rows (the GPU suite's tests write to a temporary file, not the repository)
-RESULTS = Path(os.environ.get("OPAD_RESULTS") or Path(__file__).resolve().parent / "results.csv")
+RESULTS = Path(os.environ.get("OPAD_RESULTS") or Path(__file__).resolve().parent / "results" / "results.csv")
 COLUMNS = ["name", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "p95_ms", "peak_mem_mb", "images_per_s",
            "device", "date"]
 
@@ -59,7 +59,7 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
 
 
 def write_rows(rows: list[dict], device: torch.device) -> Path:
-    """Append rows (name, provider, shape + a measure() result) to benchmarks/results.csv."""
+    """Append rows (name, provider, shape + a measure() result) to benchmarks/results/results.csv."""
     _upgrade_header()
     new = not RESULTS.is_file()
     date = datetime.date.today().isoformat()

@@ -17,7 +17,7 @@ Each stage runs as subprocesses with its own time limit inside one overall budge
 a stage that fails or runs out of time is recorded and the next one runs. The summary gives each
 stage's outcome and each target's figure against the issue's goals (SWD >= 3x its reference at
 <= 1/2 the memory, K/V >= 1.5x, feature pass >= 2x, 1-step 512x512 b1 <= 15 ms, >= 150 img/s at
-b8, a training iteration <= 0.3 s). Rows go to benchmarks/results.csv as every benchmark's do; the
+b8, a training iteration <= 0.3 s). Rows go to benchmarks/results/results.csv as every benchmark's do; the
 summary (summary.md, summary.json), this run's rows (results.csv) and the logs (logs.tar.gz) go to
 --out (default: $OUT where the device tool sets it, else gpu-suite-out/).
 
@@ -425,7 +425,7 @@ def run_suite(args: argparse.Namespace) -> int:
         return 0
     suite = Suite(args, Path(args.out), time.monotonic() + args.budget_s)
     suite.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OPAD_RESULTS", str(HERE / "results.csv"))
+    os.environ.setdefault("OPAD_RESULTS", str(HERE / "results" / "results.csv"))
     results_file = Path(os.environ["OPAD_RESULTS"])
     before = count_rows(results_file)
     results, machine = [], platform.node()

@@ -3,10 +3,10 @@
 Compiles, without a GPU, every launch the wrappers can make (opad.kernels.aot: the register sort
 at every block size up to opad.kernels._swd_triton.REGISTER_SORT_CAP with its warp count, the projections at
 the patch sizes in use, the K/V kernels for every context/weight dtype pair) and writes one row per
-kernel variant and arch to benchmarks/kernel_resources.csv (replaced, not appended: the table
+kernel variant and arch to benchmarks/results/kernel_resources.csv (replaced, not appended: the table
 describes the code as it is). Exits 1 on a compile error or a register spill.
 
-    python benchmarks/kernel_resources.py [--out benchmarks/kernel_resources.csv] [--workers N] [--arch 80 90]
+    python benchmarks/kernel_resources.py [--out benchmarks/results/kernel_resources.csv] [--workers N] [--arch 80 90]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from opad.kernels import aot
 
-OUT = Path(__file__).resolve().parent / "kernel_resources.csv"
+OUT = Path(__file__).resolve().parent / "results" / "kernel_resources.csv"
 
 
 def main(argv: list[str] | None = None) -> int:

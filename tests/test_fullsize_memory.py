@@ -1,4 +1,4 @@
-"""opad.fullsize.memory.LiveMemory, the counter behind benchmarks/estimate_gpu_memory.py: exact on work whose
+"""opad.fullsize.memory.LiveMemory, the counter behind benchmarks/studies/estimate_gpu_memory.py: exact on work whose
 memory is known, and the same on fake tensors as on real ones."""
 
 from __future__ import annotations

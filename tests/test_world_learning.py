@@ -6,7 +6,7 @@ from __future__ import annotations
 from opad.config import TrainConfig
 from opad.world.fidelity import FIDELITY_PROMPTS, concept_similarity, read_photos
 
-# Measured by benchmarks/world_learning_spread.py (rows in benchmarks/world_learning_spread.csv,
+# Measured by benchmarks/studies/world_learning_spread.py (rows in benchmarks/results/world_learning_spread.csv,
 # 2026-12-06, 2-core CPU): 30 default steps on the checkered mug (three discriminators), training
 # seeds 0-4: step-0 value -0.091 for every seed (nothing random happens before the first step), gain
 # mean 0.445, sd 0.099, smallest 0.318 (two discriminators: 0.444, 0.092, 0.337). The margin is the mean less about three standard deviations: a trainer that learns

@@ -15,7 +15,7 @@ PROFILES = ("paper", "release")
 
 # MS-SWD on [-1, 1] input (the release) is larger than on [0, 1] input by this factor: the median
 # over two photos of each of the 30 DreamBench subjects at 256 px (range 1.26-2.22), measured with
-# benchmarks/measure_swd_range.py on 2026-11-25. The paper profile multiplies the release's weight
+# benchmarks/studies/measure_swd_range.py on 2026-11-25. The paper profile multiplies the release's weight
 # 0.1 by it, so the term pulls as hard as in the authors' runs.
 SWD_SIGNED_OVER_UNIT = 1.71
 

@@ -2,7 +2,7 @@
 
 - :mod:`opad.fullsize.writer` (``python -m opad.fullsize OUT``): writes them, no download;
 - :mod:`opad.fullsize.memory`: counts the memory an iteration holds, op by op, on fake tensors (the
-  GPU-memory estimate of ``benchmarks/estimate_gpu_memory.py``).
+  GPU-memory estimate of ``benchmarks/studies/estimate_gpu_memory.py``).
 """
 
 

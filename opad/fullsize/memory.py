@@ -1,5 +1,5 @@
 """The memory a piece of PyTorch work holds, counted op by op: on real tensors, or on fake ones (no memory,
-no compute), which is how ``benchmarks/estimate_gpu_memory.py`` sizes a full-size training iteration
+no compute), which is how ``benchmarks/studies/estimate_gpu_memory.py`` sizes a full-size training iteration
 without a GPU.
 
 :class:`LiveMemory` is a ``TorchDispatchMode``: every tensor an op returns has its storage counted once

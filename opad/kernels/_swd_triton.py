@@ -64,7 +64,7 @@ def register_sort_block(n: int) -> int:
 def register_sort_warps(block: int) -> int:
     """Warps for a register sort of ``block`` values: 8 values a thread from 1024 on (4 warps below).
 
-    Measured (ptxas 12.9, benchmarks/kernel_resources.csv): BLOCK 4096 takes 255 registers (the cap)
+    Measured (ptxas 12.9, benchmarks/results/kernel_resources.csv): BLOCK 4096 takes 255 registers (the cap)
     with 4 warps on sm_90, 206 with 8, and 122 (sm_90) / 128 (sm_80) with 16; 2048 takes 162 with 4
     and 126 / 122 with 8; 1024 takes 80 / 96 with 4. No spills at the counts chosen here; at 8192
     values it spills at 16 and 32 warps alike (hence :data:`REGISTER_SORT_CAP`).

@@ -8,7 +8,7 @@ the wrappers' own constants and choice functions, so a wrapper change cannot lea
 spills (from the ptxas log of that very compile), shared memory (what the launch requests), and
 the compile time.
 
-``benchmarks/kernel_resources.py`` writes the rows to benchmarks/kernel_resources.csv;
+``benchmarks/kernel_resources.py`` writes the rows to benchmarks/results/kernel_resources.csv;
 tests/test_kernels_aot.py compiles them all and fails on a compile error or a spill.
 
 What the compile cannot know: the JIT specialises each launch on its arguments (a pointer aligned

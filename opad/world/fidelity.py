@@ -4,7 +4,7 @@ No training loss uses that encoder, so a trainer cannot raise this score by fitt
 
 And what the world's classifier (the quality bars' judge, also in no loss) sees in generated images:
 how often it names the concept's class, and the context a prompt asks for. The encoders' similarity
-rewards the concept's colours and texture even without the object (benchmarks/world_metric_sanity.py);
+rewards the concept's colours and texture even without the object (benchmarks/studies/world_metric_sanity.py);
 the classifier looks for the object's shape."""
 
 from __future__ import annotations

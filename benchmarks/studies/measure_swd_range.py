@@ -4,9 +4,9 @@ The release feeds the raw decoder output in [-1, 1] to an sRGB->Lab conversion m
 (train_opad.py L2414), with weight 0.1. The paper profile feeds [0, 1] and scales the weight by the
 ratio measured here, so the term pulls as hard as in the authors' runs. Pairs: two photos of the
 same DreamBench subject (what the student and teacher images of one prompt resemble), at 256 px,
-the same projections for both ranges. Writes benchmarks/swd_range.csv and prints the summary.
+the same projections for both ranges. Writes benchmarks/results/swd_range.csv and prints the summary.
 
-    python benchmarks/measure_swd_range.py [--dreambench ../shared/datasets/dreambooth] [--size 256]
+    python benchmarks/studies/measure_swd_range.py [--dreambench ../shared/datasets/dreambooth] [--size 256]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 
 from opad.train.losses import ms_swd, random_projections
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 
 
 def load(path: Path, size: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             signed = ms_swd(x * 2 - 1, y * 2 - 1, projections=proj).item()
         rows.append({"subject": subject.name, "unit": unit, "signed": signed, "ratio": signed / unit})
     ratios = [r["ratio"] for r in rows]
-    out = HERE / "swd_range.csv"
+    out = HERE / "results" / "swd_range.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["subject", "unit", "signed", "ratio", "size", "date"])
         writer.writeheader()

@@ -16,10 +16,10 @@ the attention matrix, as CUDA's flash / memory-efficient kernels), bf16 autocast
 matmul/conv inputs. The custom kernels are traced as their torch references (OPAD_KERNELS=reference):
 the GPU kernels (SWD, feature pass) hold no more than their references, so this errs high there.
 
-    python benchmarks/estimate_gpu_memory.py [--models DIR] [--resolution 512] [--dtype bf16]
-    python benchmarks/estimate_gpu_memory.py --sweep     # the path to <= 24 GB: one row per change
+    python benchmarks/studies/estimate_gpu_memory.py [--models DIR] [--resolution 512] [--dtype bf16]
+    python benchmarks/studies/estimate_gpu_memory.py --sweep     # the path to <= 24 GB: one row per change
 
-Rows (name fullsize/gpu_memory_estimate, provider fake-tensor) go to benchmarks/results.csv and the
+Rows (name fullsize/gpu_memory_estimate, provider fake-tensor) go to benchmarks/results/results.csv and the
 breakdowns to --json.
 """
 
@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 os.environ["OPAD_KERNELS"] = "reference"  # before opad imports a kernel: trace the torch references
 
 import torch  # noqa: E402

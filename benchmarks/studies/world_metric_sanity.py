@@ -15,10 +15,10 @@ its token removed) on reference sets drawn by the world itself.
 Beside them, the world classifier's class % (and, for the prompted set, its context %), as the
 experiment's table reports them.
 
-Writes ``benchmarks/world_metric_sanity.csv`` (a row per concept and reference set, plus the means)
+Writes ``benchmarks/results/world_metric_sanity.csv`` (a row per concept and reference set, plus the means)
 and prints the mean table.
 
-    python benchmarks/world_metric_sanity.py
+    python benchmarks/studies/world_metric_sanity.py
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from opad.world.fidelity import CLASSIFIER, prompt_context
 from opad.world.render.concepts import CONCEPTS, concepts_dir, photo_scenes
 from opad.world.render.scenes import render, repose, world_scenes
 
-OUT = Path(__file__).with_name("world_metric_sanity.csv")
+OUT = Path(__file__).resolve().parents[1] / "results" / "world_metric_sanity.csv"
 TILE = 8
 SAME_CLASS = 20  # training-world scenes of the concept's class
 

@@ -4,9 +4,9 @@ that gain varies from run to run: the evidence behind the margin of tests/test_w
 For each training seed: the default world run (``python -m opad.train`` with no model arguments) cut
 to ``--steps`` iterations; the student's 1-step samples of the concept's prompts are scored against
 its photos by the held-out evaluation encoder (opad.world.fidelity) at step 0 and at the end.
-Writes one row per seed to ``benchmarks/world_learning_spread.csv`` and prints the summary.
+Writes one row per seed to ``benchmarks/results/world_learning_spread.csv`` and prints the summary.
 
-    python benchmarks/world_learning_spread.py --seeds 0 1 2 3 4 --steps 30
+    python benchmarks/studies/world_learning_spread.py --seeds 0 1 2 3 4 --steps 30
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from opad.config import TrainConfig
 from opad.presets import WORLD_CONCEPT
 from opad.world.fidelity import FIDELITY_PROMPTS, concept_similarity, read_photos
 
-OUT = Path(__file__).with_name("world_learning_spread.csv")
+OUT = Path(__file__).resolve().parents[1] / "results" / "world_learning_spread.csv"
 
 
 def one_run(seed: int, steps: int, concept: str) -> dict:
