@@ -76,7 +76,7 @@ def timed_phases(timer: PhaseTimer, trainer):
     import opad.train.methods.opad as opad_method
 
     method = trainer.method
-    step = trainer._optimizer_step
+    step = trainer.context.optimizer_step
 
     def optimizer_step(opt, params, loss, name, out, clip_groups=None):
         with timer.phase(f"{name} backward + optimizer"):
@@ -94,7 +94,7 @@ def timed_phases(timer: PhaseTimer, trainer):
                                                                 opad_method.teacher_x0)),
         mock.patch.object(opad_method, "decode_latents", timer.wrap("VAE decode", opad_method.decode_latents)),
         mock.patch.object(opad_method.losses, "ms_swd", timer.wrap("MS-SWD", opad_method.losses.ms_swd)),
-        mock.patch.object(trainer, "_optimizer_step", optimizer_step),
+        mock.patch.object(trainer.context, "optimizer_step", optimizer_step),
     ]
     with contextlib.ExitStack() as stack:
         for p in patches:

@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {len(rows)} rows to {write_rows(rows, dev)}")
             return 0
         batch = tr.method.next_batch()
-        cond = tr._encode(b.text_encoder, batch.prompts).detach()
+        cond = tr.context.encode(b.text_encoder, batch.prompts).detach()
         add("iteration", tr.iteration)
         m = tr.method
-        add("teacher_step", lambda: m.teacher_step(batch, tr._encode(b.text_encoder, batch.prompts), StepOutcome()))
+        add("teacher_step", lambda: m.teacher_step(batch, tr.context.encode(b.text_encoder, batch.prompts),
+                                                   StepOutcome()))
 
         def student_image():
             return tr.method.student_one_step(cond, "student", clamp=False)  # losses see the raw output

@@ -35,7 +35,7 @@ def _push_student_pixels_out_of_range(trainer, monkeypatch) -> dict:
 def test_out_of_range_pixels_get_gradient_from_every_loss_term(tiny_dir, tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path / "run", lpips_weight=1.0)
     seen = _push_student_pixels_out_of_range(trainer, monkeypatch)
-    cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
+    cond = trainer.context.encode(trainer.bundle.text_encoder, PROMPTS).detach()
     terms = trainer.method.student_forward(PROMPTS, cond, cond).terms
     image_terms = ["id", "swd", "lpips"] + [f"adv_{n}" for n in ("dino_v1", "dino_v2", "clip")]
     assert set(image_terms) <= set(terms)

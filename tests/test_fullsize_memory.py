@@ -107,7 +107,7 @@ def _student_step_grads(trainer) -> tuple[list[torch.Tensor], int]:
     """The student's K/V gradients of one student forward + backward (fixed draws), and its peak memory."""
     method = trainer.method
     states = {k: g.get_state() for k, g in trainer.generators.items()}
-    cond = method._encode(trainer.bundle.text_encoder, ["a photo of a <new1> toy"] * 2).detach()
+    cond = trainer.context.encode(trainer.bundle.text_encoder, ["a photo of a <new1> toy"] * 2).detach()
     mem = LiveMemory(block=1)
     with mem:
         terms = method.student_forward(["a photo"] * 2, cond, cond).terms

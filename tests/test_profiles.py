@@ -151,7 +151,7 @@ def test_release_teacher_loss_is_the_channel_sum(tiny_dir, tmp_path):
     paper = make_trainer(tmp_path / "a", discriminators=["clip"])
     release = make_trainer(tmp_path / "b", discriminators=["clip"], teacher_loss_channels="sum")
     batch = paper.method.next_batch()
-    cond = paper._encode(paper.bundle.text_encoder, batch.prompts)
+    cond = paper.context.encode(paper.bundle.text_encoder, batch.prompts)
     mean = paper.method._teacher_loss(batch, cond)
     total = release.method._teacher_loss(batch, cond)
     assert total.item() == pytest.approx(4 * mean.item(), rel=1e-5)
@@ -184,7 +184,7 @@ def test_mswd_sees_signed_images_only_in_release(tiny_dir, tmp_path, monkeypatch
     seen = {}
     real = losses.ms_swd
     monkeypatch.setattr(losses, "ms_swd", lambda x, y, **kw: seen.update(x=x, y=y) or real(x, y, **kw))
-    cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
+    cond = trainer.context.encode(trainer.bundle.text_encoder, PROMPTS).detach()
     result = trainer.method.student_forward(PROMPTS, cond, cond)
     scale = (2, -1) if profile == "release" else (1, 0)
     torch.testing.assert_close(seen["x"].detach(), result.image * scale[0] + scale[1])
@@ -197,7 +197,7 @@ def test_release_identity_input_is_resized_on_its_own(tiny_dir, tmp_path, monkey
     clip = trainer.method.backbones["clip"]
     real_spec = clip.input_spec
     monkeypatch.setattr(clip, "input_spec", lambda resize=None: modes.append(resize) or real_spec(resize))
-    cond = trainer._encode(trainer.bundle.text_encoder, PROMPTS).detach()
+    cond = trainer.context.encode(trainer.bundle.text_encoder, PROMPTS).detach()
     trainer.method.student_forward(PROMPTS, cond, cond)
     assert modes == [None, "bilinear", "bilinear"]  # the discriminator pass (area), student id, teacher id
 

@@ -58,7 +58,7 @@ def test_each_step_updates_only_its_own_model(tiny_dir, tmp_path):
     trainer = make_trainer(tmp_path / "run")
     b = trainer.bundle
     batch = trainer.method.next_batch()
-    cond = trainer._encode(b.text_encoder, batch.prompts)
+    cond = trainer.context.encode(b.text_encoder, batch.prompts)
     from opad.train.loop import StepOutcome
 
     table = b.text_encoder.get_input_embeddings().weight
@@ -84,7 +84,7 @@ def test_alignment_target_has_no_gradient_and_adversarial_terms_ignore_c(tiny_di
     trainer = make_trainer(tmp_path / "run")
     b = trainer.bundle
     prompts = ["a photo of a <new1> toy", "a <new1> toy on the beach"]
-    cond = trainer._encode(b.text_encoder, prompts).detach()
+    cond = trainer.context.encode(b.text_encoder, prompts).detach()
     states = {k: g.get_state() for k, g in trainer.generators.items()}
     result = trainer.method.student_forward(prompts, cond, cond)
     assert result.z_tc is not None and not result.z_tc.requires_grad and not result.image_tc.requires_grad

@@ -175,7 +175,7 @@ def _phases(mem: LiveMemory, trainer) -> contextlib.AbstractContextManager:
                 return fn(*args, **kwargs)
         return run
 
-    step = trainer._optimizer_step
+    step = trainer.context.optimizer_step
 
     def optimizer_step(opt, params, loss, name, out, clip_groups=None):
         with mem.phase(f"{name} backward"):
@@ -197,7 +197,7 @@ def _phases(mem: LiveMemory, trainer) -> contextlib.AbstractContextManager:
                                               labelled("discriminator step", method.discriminator_step)))
         stack.enter_context(mock.patch.object(opad_method, "teacher_x0",
                                               labelled("alignment target (teacher CFG)", opad_method.teacher_x0)))
-        stack.enter_context(mock.patch.object(trainer, "_optimizer_step", optimizer_step))
+        stack.enter_context(mock.patch.object(trainer.context, "optimizer_step", optimizer_step))
         for opt in trainer.optimizers:
             stack.enter_context(mock.patch.object(opt, "step", optimizer_state(opt)))
         yield
@@ -219,7 +219,7 @@ def estimate(models: str | None = None, *, resolution: int = 512, dtype: str = "
     mem = LiveMemory()
     with tempfile.TemporaryDirectory() as out, FakeTensorMode(allow_non_fake_inputs=True), mem, \
             mock.patch("opad.train.loop.load_models", fakes.load_models), \
-            mock.patch("opad.train.methods.opad.build_backbone", fakes.build_backbone), \
+            mock.patch("opad.train.methods.opad_nets.build_backbone", fakes.build_backbone), \
             mock.patch.object(torch.nn.Module, "to", _fake_to):
         cfg = TrainConfig(teacher=f"{root}/teacher", student=f"{root}/student", output_dir=f"{out}/run",
                           device="cpu", mixed_precision="bf16" if dtype == "bf16" else "no", profile="paper",

@@ -4,14 +4,14 @@ The loop owns the data, the random generators (one per kind of draw, so switchin
 changes no other term's randomness, and a resumed run continues bit for bit), logging,
 checkpoints, previews, the non-finite guard with rollbacks, Ctrl-C and resume. The method
 (``--method``, :mod:`opad.train.methods`) owns its trainable parameters, its optimizers, one iteration
-and the concept it writes: OPAD's three steps are in :mod:`opad.train.methods.opad`.
+and the concept it writes: OPAD's three steps are in :mod:`opad.train.methods.opad`. The method sees
+the loop through a :class:`opad.train.context.TrainContext` only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import signal
 import sys
@@ -20,23 +20,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opad.concept.folder import add_modifier_tokens
 from opad.config import TrainConfig
 from opad.devices import pick_device
-from opad.diffusion.sampling import encode_prompts
 from opad.errors import OpadError, warn
 from opad.fsutil import check_can_create
 from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset, run_teacher
 from opad.train.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
+from opad.train.context import TrainContext
 from opad.train.data import ConceptData, load_images
 from opad.train.methods import method_class
 from opad.train.methods.base import Method, StepOutcome
-from opad.train.previews import write_preview
+from opad.train.previews import preview_prompts, write_preview
 from opad.train.runlog import NullLog, RunLog, plot_losses
+from opad.train.updates import GuardedStep
 
 RUN_ARTEFACTS = ("concept", "teacher_concept", "samples", "checkpoints", "tensorboard", "log.csv",
                  "loss_curve.png", "config.json")
@@ -45,10 +45,6 @@ RESUME_MAY_CHANGE = {"max_steps", "preview_every", "checkpoint_every", "keep_che
                      "mixed_precision", "gradient_checkpointing", "resume", "overwrite", "output_dir",
                      "preview_teacher_steps", "preview_prompts"}
 _GENERATORS = ("data", "real", "teacher", "student", "align", "swd", "collab", "samples")
-
-
-def _finite(x: Tensor | float) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(x)).all())
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -135,15 +131,19 @@ class Trainer:
         rank = self.accelerator.process_index
         self.generators = {name: torch.Generator().manual_seed(cfg.seed * 7919 + i + 104729 * rank)
                            for i, name in enumerate(_GENERATORS)}
-        self.method: Method = method_cls(self)  # its parameters and optimizers
+        self.guarded_step = GuardedStep(self.accelerator, cfg.max_grad_norm)
+        self.context = TrainContext(
+            cfg=cfg, bundle=b, accelerator=self.accelerator, device=self.device, data=self.data,
+            class_data=self.class_data, generators=self.generators, token_ids=self.token_ids,
+            resolution=self.resolution, preset=self.preset, gradient_checkpointing=self.gradient_checkpointing,
+            is_main=self.is_main, progress=progress, optimizer_step=self.guarded_step)
+        self.method: Method = method_cls(self.context)  # its parameters and optimizers
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         self.step = 0
         self.lr_scale = 1.0
         self.rollbacks = 0
         self.bad_steps = 0
-        models = list(self.method.optimizers)
-        self.attempts = dict.fromkeys(models, 0)  # optimizer steps tried / applied, per model
-        self.updates = dict.fromkeys(models, 0)
+        self.guarded_step.track(list(self.method.optimizers))  # optimizer steps tried / applied, per model
         self._stop_requested = False
         self._seconds_before = 0.0  # training time of the run's earlier segments (resume)
         self._segment_start: float | None = None
@@ -153,15 +153,6 @@ class Trainer:
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in self.method.optimizers.values() if o is not None]
-
-    def make_optimizer(self, params: list, token_params: list, lr: float) -> torch.optim.Optimizer:
-        """AdamW over ``params`` and the token rows ``token_params``, in separate groups (each can
-        get its own settings later)."""
-        groups = [{"params": g} for g in (params, token_params) if g]
-        # one multi-tensor step for all weights: torch's fused kernel on CUDA, foreach elsewhere
-        step = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                                 weight_decay=self.cfg.weight_decay, **step)
 
     def _check_resume_config(self) -> None:
         saved_path = self.out / "config.json"
@@ -175,57 +166,13 @@ class Trainer:
             details = "; ".join(f"{k}: run {saved.get(k)!r}, now {now[k]!r}" for k in changed)
             raise OpadError(f"--resume with settings that differ from the run's config.json ({details})")
 
-    # ------------------------------------------------------------------ building blocks
-    def _encode(self, encoder: nn.Module, prompts: list[str]) -> Tensor:
-        return encode_prompts(self.bundle, prompts, encoder)
-
-    def _randn(self, shape, gen: str) -> Tensor:
-        return torch.randn(shape, generator=self.generators[gen]).to(self.device)
-
-    def _randint(self, high: int, n: int, gen: str) -> Tensor:
-        return torch.randint(0, high, (n,), generator=self.generators[gen]).to(self.device)
-
-    def latent_shape(self, n: int) -> tuple[int, ...]:
-        f = self.bundle.vae_scale_factor
-        return (n, self.bundle.student_unet.config.in_channels, self.resolution // f, self.resolution // f)
-
-    def _optimizer_step(self, opt, params: list[Tensor], loss: Tensor, name: str, out: StepOutcome,
-                        clip_groups: list[tuple[list[Tensor], float]] | None = None) -> None:
-        """Backward, clip, and step unless the loss or gradient is non-finite (then skip and record).
-
-        ``clip_groups`` are (parameters, max norm) pairs, each clipped on its own (0: no clip); by
-        default all ``params`` against --max-grad-norm. The logged norm is the total before clipping.
-        """
-        opt.zero_grad(set_to_none=True)
-        self.attempts[name] += 1
-        if not _finite(loss):
-            out.nonfinite.append(f"{name}:loss")
-            return
-        self.accelerator.backward(loss)
-        if self.accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        norms = [torch.nn.utils.clip_grad_norm_([p for p in group if p.grad is not None],
-                                                limit if limit > 0 else math.inf)
-                 for group, limit in clip_groups or [(params, self.cfg.max_grad_norm)]]
-        norm = torch.stack([n.float() for n in norms]).norm()
-        out.values[f"grad_norm/{name}"] = float(norm)
-        if not _finite(norm):
-            opt.zero_grad(set_to_none=True)
-            out.nonfinite.append(f"{name}:grad")
-            return
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.updates[name] += 1
-
     # ------------------------------------------------------------------ one iteration
     def before_iteration(self) -> None:
         """Work due before the step's iteration, kept out of its time (the method's)."""
         self.method.before_iteration(self.step)
 
     def iteration(self) -> StepOutcome:
-        return self.method.iteration()
+        return self.method.iteration(self.step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -255,7 +202,8 @@ class Trainer:
             g.set_state(state["generators"][k])
         torch.set_rng_state(state["torch_rng"])
         self.data.cursor = int(state["data_cursor"])
-        self.attempts, self.updates = dict(state["attempts"]), dict(state["updates"])
+        self.guarded_step.attempts = dict(state["attempts"])
+        self.guarded_step.updates = dict(state["updates"])
         self._seconds_before = float(state.get("train_seconds", 0.0))  # older checkpoints did not count
         self._apply_lr_scale()
 
@@ -263,6 +211,16 @@ class Trainer:
         for opt, lrs in zip(self.optimizers, self.base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * self.lr_scale
+
+    @property
+    def attempts(self) -> dict[str, int]:
+        """Optimizer steps tried, per model (skipped ones included)."""
+        return self.guarded_step.attempts
+
+    @property
+    def updates(self) -> dict[str, int]:
+        """Optimizer steps applied, per model."""
+        return self.guarded_step.updates
 
     @property
     def train_seconds(self) -> float:
@@ -295,13 +253,12 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ outputs
-    def preview_prompts(self) -> list[str]:
-        """The preview prompts, ``{}`` replaced by the token + class (other braces are the user's text)."""
-        templates = self.cfg.preview_prompts or ["a photo of a {}", "a {} on the beach"]
-        return [t.replace("{}", self.subject) for t in templates]
-
     def write_preview(self, step: int) -> Path | None:
-        return write_preview(self, step) if self.is_main else None
+        if not self.is_main:
+            return None
+        return write_preview(self.out, step, cfg=self.cfg, bundle=self.bundle,
+                             prompts=preview_prompts(self.cfg, self.subject), resolution=self.resolution,
+                             text_encoder=self.method.student_text_encoder)
 
     def save_concepts(self) -> None:
         if self.is_main:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
+from opad.config import TrainConfig
 from opad.diffusion.sampling import sample_student, sample_teacher
 from opad.generate import to_pil
-from opad.models.loading import teacher_view
-
-if TYPE_CHECKING:
-    from opad.train.loop import Trainer
+from opad.models.loading import ModelBundle, teacher_view
 
 _HEADER = 14
 _MIN_SIDE = 128  # smaller images (the mini world's 64 px) are shown enlarged, pixel for pixel
@@ -37,27 +35,34 @@ def grid(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
     return out
 
 
+def preview_prompts(cfg: TrainConfig, subject: str) -> list[str]:
+    """The preview prompts, ``{}`` replaced by the token + class (other braces are the user's text)."""
+    templates = cfg.preview_prompts or ["a photo of a {}", "a {} on the beach"]
+    return [t.replace("{}", subject) for t in templates]
+
+
 @torch.no_grad()
-def write_preview(trainer: "Trainer", step: int) -> Path:
-    """``samples/step-NNNNNN.png``; fixed seeds (one per prompt), so grids compare across steps."""
-    cfg, bundle = trainer.cfg, trainer.bundle
+def write_preview(out_dir: Path, step: int, *, cfg: TrainConfig, bundle: ModelBundle, prompts: list[str],
+                  resolution: int, text_encoder: nn.Module) -> Path:
+    """``out_dir/samples/step-NNNNNN.png``: per prompt, the student's one-step image (``text_encoder``
+    encodes its prompts) beside the teacher's multi-step image; fixed seeds (one per prompt), so grids
+    compare across steps."""
     rows = []
-    encoder = trainer.method.student_text_encoder
     finetuned_teacher = cfg.finetune == "teacher"  # a baseline trained the teacher: sample it as one
     teacher_bundle = teacher_view(bundle) if finetuned_teacher else bundle
-    for i, prompt in enumerate(trainer.preview_prompts()):
+    for i, prompt in enumerate(prompts):
         row = []
         if not finetuned_teacher:
             row += to_pil(sample_student(bundle, [prompt], steps=1, generator=torch.Generator().manual_seed(i),
-                                         resolution=trainer.resolution, text_encoder=encoder))
+                                         resolution=resolution, text_encoder=text_encoder))
         if cfg.use_teacher or finetuned_teacher:
             row += to_pil(sample_teacher(teacher_bundle, [prompt], steps=cfg.preview_teacher_steps,
                                          guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(i),
-                                         resolution=trainer.resolution))
+                                         resolution=resolution))
         rows.append([_enlarge(im) for im in row])
     labels = ([] if finetuned_teacher else ["student"]) + \
         ([f"teacher {cfg.preview_teacher_steps}"] if cfg.use_teacher or finetuned_teacher else [])
-    path = trainer.out / "samples" / f"step-{step:06d}.png"
+    path = Path(out_dir) / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(rows, labels).save(path)
     return path

@@ -2,7 +2,8 @@
 
 The loop owns the data, the random generators, logging, checkpoints, previews, the non-finite
 guard, rollbacks and resume. A method owns its trainable parameters, their optimizers, one
-iteration, the extra state it checkpoints and the concept it writes.
+iteration, the extra state it checkpoints and the concept it writes. It sees the loop only through
+a :class:`opad.train.context.TrainContext`; the loop calls it only through :class:`Method`'s hooks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from opad.diffusion.schedule import add_noise, unet_prediction, velocity
 from opad.train.data import Batch
 
 if TYPE_CHECKING:
-    from opad.train.loop import Trainer
+    from opad.train.context import TrainContext
 
 
 @dataclass
@@ -34,32 +35,17 @@ class Method:
 
     needs_teacher = False  # load the teacher model (the baselines run on the student alone)
 
-    def __init__(self, loop: "Trainer") -> None:
-        self.loop = loop
-        self.cfg, self.bundle, self.accelerator, self.device = loop.cfg, loop.bundle, loop.accelerator, loop.device
-        self.data, self.class_data, self.generators = loop.data, loop.class_data, loop.generators
+    def __init__(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        self.cfg, self.bundle, self.accelerator, self.device = ctx.cfg, ctx.bundle, ctx.accelerator, ctx.device
+        self.data, self.class_data, self.generators = ctx.data, ctx.class_data, ctx.generators
 
     @classmethod
     def default_init_word(cls, tokenizer, class_name: str) -> str:
         """The word the modifier token starts from when --init-word is not given."""
         return class_name
 
-    # ------------------------------------------------------------------ the loop's building blocks
-    def _encode(self, encoder: nn.Module, prompts: list[str]) -> Tensor:
-        return self.loop._encode(encoder, prompts)
-
-    def _randn(self, shape, gen: str) -> Tensor:
-        return self.loop._randn(shape, gen)
-
-    def _randint(self, high: int, n: int, gen: str) -> Tensor:
-        return self.loop._randint(high, n, gen)
-
-    def latent_shape(self, n: int) -> tuple[int, ...]:
-        return self.loop.latent_shape(n)
-
-    def _optimizer_step(self, *args, **kwargs) -> None:
-        self.loop._optimizer_step(*args, **kwargs)
-
+    # ------------------------------------------------------------------ shared by the methods
     def denoising_loss(self, unet: nn.Module, scheduler, batch: Batch, cond: Tensor, gen: str,
                        noise: Tensor | None = None) -> Tensor:
         """Custom Diffusion's noise-prediction (v or ε) loss on ``batch``'s photos at random timesteps,
@@ -70,8 +56,8 @@ class Method:
             dist = b.vae.encode(batch.pixels.to(self.device)).latent_dist
             latents = dist.sample(generator=self.generators[gen]).float() * b.vae.config.scaling_factor
         if noise is None:
-            noise = self._randn(latents.shape, gen)
-        t = self._randint(scheduler.config.num_train_timesteps, latents.shape[0], gen)
+            noise = self.ctx.randn(latents.shape, gen)
+        t = self.ctx.randint(scheduler.config.num_train_timesteps, latents.shape[0], gen)
         z_t = add_noise(latents, noise, t.cpu(), ac)
         with self.accelerator.autocast():
             pred = unet_prediction(unet, z_t, t, cond)
@@ -101,7 +87,8 @@ class Method:
     def before_iteration(self, step: int) -> None:
         """Work due before step ``step``'s iteration, kept out of its time."""
 
-    def iteration(self) -> StepOutcome:
+    def iteration(self, step: int) -> StepOutcome:
+        """Step ``step``'s updates (each through ``ctx.optimizer_step``) and its logged values."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -19,22 +19,22 @@ from opad.train.methods.base import Method, StepOutcome
 from opad.train.token_rows import TrainableTokenRows
 
 if TYPE_CHECKING:
-    from opad.train.loop import Trainer
+    from opad.train.context import TrainContext
 
 
 class StudentFinetune(Method):
     concept_format = ""  # opad.concept.folder's format name of the concept it writes
     trains_token = True  # the modifier token's embedding row trains too
 
-    def __init__(self, loop: "Trainer") -> None:
-        super().__init__(loop)
+    def __init__(self, ctx: TrainContext) -> None:
+        super().__init__(ctx)
         b = self.bundle
-        self.token_rows = (TrainableTokenRows(b.text_encoder.get_input_embeddings(), loop.token_ids)
+        self.token_rows = (TrainableTokenRows(b.text_encoder.get_input_embeddings(), ctx.token_ids)
                            if self.trains_token else None)
         self.weights = self.trainable_weights(b.student_unet)
         rows = [self.token_rows.rows] if self.token_rows is not None else []
         self.params = [*self.weights, *rows]
-        self.opt = loop.make_optimizer(self.weights, rows, self.cfg.student_lr)
+        self.opt = ctx.make_optimizer(self.weights, rows, self.cfg.student_lr)
 
     @classmethod
     def default_init_word(cls, tokenizer, class_name: str) -> str:
@@ -52,19 +52,19 @@ class StudentFinetune(Method):
     def parameters(self) -> list[Tensor]:
         return list(self.params)
 
-    def iteration(self) -> StepOutcome:
+    def iteration(self, step: int) -> StepOutcome:
         b, out = self.bundle, StepOutcome()
         batch = self.data.sample(self.cfg.batch_size, self.generators["data"])
         unet, sched = b.student_unet, b.student_scheduler
-        loss = self.denoising_loss(unet, sched, batch, self._encode(b.text_encoder, batch.prompts), "student")
+        loss = self.denoising_loss(unet, sched, batch, self.ctx.encode(b.text_encoder, batch.prompts), "student")
         out.values["loss/denoise"] = loss.item()
         if self.class_data is not None:
             prior = self.class_data.sample(self.cfg.batch_size, self.generators["real"])
-            prior_loss = self.denoising_loss(unet, sched, prior, self._encode(b.text_encoder, prior.prompts), "real")
+            prior_loss = self.denoising_loss(unet, sched, prior, self.ctx.encode(b.text_encoder, prior.prompts), "real")
             out.values["loss/prior"] = prior_loss.item()
             loss = loss + self.cfg.prior_loss_weight * prior_loss
         out.values["loss/student"] = loss.item()
-        self._optimizer_step(self.opt, self.params, loss, "student", out)
+        self.ctx.optimizer_step(self.opt, self.params, loss, "student", out)
         if self.token_rows is not None:
             self.token_rows.sync()
         return out

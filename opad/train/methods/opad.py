@@ -28,16 +28,15 @@ from opad.concept.folder import detach_start_token_kv, enable_kv_training, save_
 from opad.config import DISCRIMINATORS
 from opad.diffusion.sampling import decode_latents, student_denoise
 from opad.diffusion.schedule import add_noise, c_weight, teacher_x0
-from opad.errors import OpadError
-from opad.models.backbones import DiscriminatorHead, FrozenBackbone, backbone_features, build_backbone
-from opad.presets import Preset
+from opad.models.backbones import DiscriminatorHead, backbone_features
 from opad.train import losses
 from opad.train.data import Batch
 from opad.train.methods.base import Method, StepOutcome
+from opad.train.methods.opad_nets import build_backbones, build_lpips
 from opad.train.token_rows import TrainableTokenRows
 
 if TYPE_CHECKING:
-    from opad.train.loop import Trainer
+    from opad.train.context import TrainContext
 
 
 @dataclass
@@ -55,17 +54,17 @@ class OpadMethod(Method):
 
     needs_teacher = True
 
-    def __init__(self, loop: "Trainer") -> None:
-        super().__init__(loop)
+    def __init__(self, ctx: TrainContext) -> None:
+        super().__init__(ctx)
         cfg, b = self.cfg, self.bundle
         # the modifier token, in the shared text encoder (and the student's own without STE)
         self._student_text_encoder = b.text_encoder if cfg.shared_text_encoder else copy.deepcopy(b.text_encoder)
-        self.teacher_tokens = TrainableTokenRows(b.text_encoder.get_input_embeddings(), loop.token_ids)
+        self.teacher_tokens = TrainableTokenRows(b.text_encoder.get_input_embeddings(), ctx.token_ids)
         self.student_tokens = None
         if not cfg.shared_text_encoder:
-            self.student_tokens = TrainableTokenRows(self._student_text_encoder.get_input_embeddings(), loop.token_ids)
+            self.student_tokens = TrainableTokenRows(self._student_text_encoder.get_input_embeddings(), ctx.token_ids)
         with torch.no_grad():
-            self.uncond = self._encode(b.text_encoder, [""])  # constant: "" has no modifier token
+            self.uncond = self.ctx.encode(b.text_encoder, [""])  # constant: "" has no modifier token
 
         # trainable parameters and optimizers (one per model)
         self.teacher_kv = enable_kv_training(b.teacher_unet)
@@ -73,19 +72,20 @@ class OpadMethod(Method):
         if cfg.detach_start_token:
             detach_start_token_kv(b.teacher_unet)
             detach_start_token_kv(b.student_unet)
-        self.backbones = self._build_backbones(loop.preset)
+        self.backbones = build_backbones(cfg, ctx.preset, self.device, ctx.gradient_checkpointing)
         self.heads = nn.ModuleDict({
             name: DiscriminatorHead(self.backbones[name].feature_dim, seed=cfg.seed + 101 * (i + 1))
             for i, name in enumerate(DISCRIMINATORS) if name in cfg.discriminators
         }).to(self.device)
-        self.lpips = self._build_lpips(random_trunk=loop.preset is not None) if cfg.lpips_weight > 0 else None
+        self.lpips = (build_lpips(cfg, self.device, random_trunk=ctx.preset is not None) if cfg.lpips_weight > 0
+                      else None)
         self.teacher_params = [*self.teacher_kv, self.teacher_tokens.rows]
         self.student_token_rows = self._student_token_rows()
         self.student_params = [*self.student_kv, *self.student_token_rows]
-        self.opt_teacher = loop.make_optimizer(self.teacher_kv, [self.teacher_tokens.rows], cfg.teacher_lr)
-        self.opt_student = loop.make_optimizer(self.student_kv, self.student_token_rows, cfg.student_lr)
+        self.opt_teacher = ctx.make_optimizer(self.teacher_kv, [self.teacher_tokens.rows], cfg.teacher_lr)
+        self.opt_student = ctx.make_optimizer(self.student_kv, self.student_token_rows, cfg.student_lr)
         heads = list(self.heads.parameters())
-        self.opt_heads = loop.make_optimizer(heads, [], cfg.head_lr) if heads else None
+        self.opt_heads = ctx.make_optimizer(heads, [], cfg.head_lr) if heads else None
         self.collab_images = torch.empty(0)
         self.collab_prompts: list[str] = []
         self.collab_start_step = (None if cfg.collab_start is None else int(round(cfg.collab_start * cfg.max_steps)))
@@ -114,56 +114,6 @@ class OpadMethod(Method):
             return [self.student_tokens.rows] if self.cfg.train_student_token else []
         return [] if self.cfg.use_teacher else [self.teacher_tokens.rows]
 
-    def _build_backbones(self, preset: Preset | None) -> dict[str, FrozenBackbone]:
-        cfg = self.cfg
-        names = list(cfg.discriminators)
-        if cfg.use_teacher and cfg.id_weight > 0 and cfg.id_encoder not in names:
-            names.append(cfg.id_encoder)
-        sources = {**(preset.backbones() if preset else {}), **cfg.backbone_sources()}
-        backbones = {}
-        for name in names:
-            source = sources.get(name)
-            if source is None:
-                raise OpadError(f"the {name} backbone needs weights: pass --backbone-weights {name}=FILE "
-                                f"(or {name}=hub to download them)")
-            backbones[name] = build_backbone(
-                name, source, dino_v2_size=cfg.dino_v2_size, clip_arch=cfg.clip_arch, normalize=cfg.disc_normalize,
-                resize=cfg.backbone_resize, ip_adapter=self._ip_adapter_source(source) if name == "clip" else None,
-                seed=cfg.seed + 31 * (DISCRIMINATORS.index(name) + 1)).to(self.device)
-            if self.loop.gradient_checkpointing:  # the student's image backpropagates through every backbone
-                backbones[name].set_grad_checkpointing()
-        return backbones
-
-    def _ip_adapter_source(self, clip_source: str) -> str | None:
-        """What ``--ip-adapter auto`` means: a random tiny projection on the tiny clip backbone,
-        IP-Adapter's own when the clip backbone is IP-Adapter's image encoder (ViT-H-14), else none."""
-        choice = self.cfg.ip_adapter
-        if choice == "none":
-            return None
-        if choice != "auto":
-            return choice
-        if clip_source == "tiny":
-            return "tiny"
-        if self.cfg.clip_arch != "ViT-H-14" or not (clip_source.startswith("hub") or Path(clip_source).exists()):
-            return None  # a missing weights file is the first problem to report (build_backbone does)
-        if clip_source.startswith("hub"):
-            return "hub"
-        beside = [Path(clip_source).parent / f"ip-adapter_sd15{ext}" for ext in (".safetensors", ".bin")]
-        found = [str(p) for p in beside if Path(clip_source).is_dir() and p.is_file()]
-        if found:
-            return found[0]
-        raise OpadError("the clip backbone needs IP-Adapter's image projection for the identity feature: pass "
-                        "--ip-adapter FILE (ip-adapter_sd15.safetensors) or hub, or --ip-adapter none for the "
-                        "pooled CLIP embedding")
-
-    def _build_lpips(self, random_trunk: bool) -> nn.Module:
-        import lpips
-
-        # The linear calibration layers ship in the lpips package; its VGG/AlexNet trunk comes from
-        # torchvision's download unless the run is on a preset (offline: a random trunk).
-        model = lpips.LPIPS(net=self.cfg.lpips_net, pretrained=True, pnet_rand=random_trunk, verbose=False)
-        return model.to(self.device).eval().requires_grad_(False)
-
     def _sync_tokens(self) -> None:
         """Write trained token rows back into their embedding tables."""
         self.teacher_tokens.sync()
@@ -178,10 +128,10 @@ class OpadMethod(Method):
         out.values["loss/teacher"] = loss.item()
         if self.class_data is not None:
             prior = self.class_data.sample(self.cfg.batch_size, self.generators["teacher"])
-            prior_loss = self._teacher_loss(prior, self._encode(b.text_encoder, prior.prompts))
+            prior_loss = self._teacher_loss(prior, self.ctx.encode(b.text_encoder, prior.prompts))
             out.values["loss/prior"] = prior_loss.item()
             loss = loss + self.cfg.prior_loss_weight * prior_loss
-        self._optimizer_step(self.opt_teacher, self.teacher_params, loss, "teacher", out)
+        self.ctx.optimizer_step(self.opt_teacher, self.teacher_params, loss, "teacher", out)
         self.teacher_tokens.sync()
 
     def _teacher_loss(self, batch: Batch, cond: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -196,7 +146,7 @@ class OpadMethod(Method):
         """
         b = self.bundle
         if noise is None:
-            noise = self._randn(self.latent_shape(cond.shape[0]), gen)
+            noise = self.ctx.randn(self.ctx.latent_shape(cond.shape[0]), gen)
         with self.accelerator.autocast():
             z0 = student_denoise(b, cond, noise, steps=1)
             return z0, decode_latents(b, z0, clamp=clamp)
@@ -240,8 +190,8 @@ class OpadMethod(Method):
         if align:
             tsched = b.teacher_scheduler
             ac_t = tsched.alphas_cumprod
-            t2 = self._randint(tsched.config.num_train_timesteps, n, "align")
-            eps2 = self._randn(z_st.shape, "align") if noise is None else noise
+            t2 = self.ctx.randint(tsched.config.num_train_timesteps, n, "align")
+            eps2 = self.ctx.randn(z_st.shape, "align") if noise is None else noise
             with torch.no_grad(), self.accelerator.autocast():
                 z_noisy = add_noise(z_st.detach(), eps2, t2.cpu(), ac_t)
                 z_tc = teacher_x0(b.teacher_unet, z_noisy, t2, cond_t, self.uncond, ac_t,
@@ -281,7 +231,7 @@ class OpadMethod(Method):
         if result.terms:
             total = sum(result.terms.values())
             out.values["loss/student"] = total.item()
-            self._optimizer_step(self.opt_student, self.student_params, total, "student", out)
+            self.ctx.optimizer_step(self.opt_student, self.student_params, total, "student", out)
             self._sync_tokens()
         return result
 
@@ -317,7 +267,7 @@ class OpadMethod(Method):
             total = total + loss
         # The release clips the heads before backward, i.e. never (train_opad.py L2567); 0 keeps that.
         clip = [(list(head.parameters()), cfg.head_max_grad_norm) for head in self.heads.values()]
-        self._optimizer_step(self.opt_heads, list(self.heads.parameters()), total, "heads", out, clip)
+        self.ctx.optimizer_step(self.opt_heads, list(self.heads.parameters()), total, "heads", out, clip)
 
     # ------------------------------------------------------------------ one iteration
     def next_batch(self) -> Batch:
@@ -335,16 +285,16 @@ class OpadMethod(Method):
     def student_cond(self, prompts: list[str], cond: Tensor) -> Tensor:
         """The student's prompt embeddings: the shared C or its own encoder's; detached (stop-grad)
         unless the student's loss trains a token row."""
-        cond_s = cond if self.cfg.shared_text_encoder else self._encode(self.student_text_encoder, prompts)
+        cond_s = cond if self.cfg.shared_text_encoder else self.ctx.encode(self.student_text_encoder, prompts)
         return cond_s if self.student_token_rows else cond_s.detach()
 
-    def iteration(self) -> StepOutcome:
+    def iteration(self, step: int) -> StepOutcome:
         cfg, b = self.cfg, self.bundle
         out = StepOutcome()
         batch = self.next_batch()
         # the release draws one noise tensor for all three uses (train_opad.py L2039)
-        noise = self._randn(self.latent_shape(len(batch.prompts)), "student") if cfg.shared_noise else None
-        cond = self._encode(b.text_encoder, batch.prompts)  # C, once per iteration
+        noise = self.ctx.randn(self.ctx.latent_shape(len(batch.prompts)), "student") if cfg.shared_noise else None
+        cond = self.ctx.encode(b.text_encoder, batch.prompts)  # C, once per iteration
         if cfg.use_teacher:
             self.teacher_step(batch, cond, out, noise)
         result = self.student_step(batch.prompts, self.student_cond(batch.prompts, cond), cond.detach(), out, noise)
@@ -359,7 +309,7 @@ class OpadMethod(Method):
         prompts = [self.data.prompt(g) for _ in range(self.cfg.collab_buffer)]
         images = []
         for start in range(0, len(prompts), self.cfg.batch_size):
-            cond = self._encode(self.student_text_encoder, prompts[start : start + self.cfg.batch_size])
+            cond = self.ctx.encode(self.student_text_encoder, prompts[start : start + self.cfg.batch_size])
             images.append(self.student_one_step(cond, "collab")[1].cpu())
         self.collab_images = torch.cat(images)
         self.collab_prompts = prompts

@@ -31,22 +31,22 @@ class TeacherFirstMethod(OpadMethod):
         if step >= self.cfg.teacher_first_steps and not self.teacher_set_prompts:
             self.sample_teacher_set()
 
-    def iteration(self) -> StepOutcome:
+    def iteration(self, step: int) -> StepOutcome:
         cfg, b = self.cfg, self.bundle
         out = StepOutcome()
-        if self.loop.step < cfg.teacher_first_steps:
+        if step < cfg.teacher_first_steps:
             batch = self.data.sample(cfg.batch_size, self.generators["data"])
-            self.teacher_step(batch, self._encode(b.text_encoder, batch.prompts), out)
+            self.teacher_step(batch, self.ctx.encode(b.text_encoder, batch.prompts), out)
             return out
         idx = torch.randint(0, len(self.teacher_set_prompts), (cfg.batch_size,), generator=self.generators["data"])
         prompts = [self.teacher_set_prompts[i] for i in idx]
         with torch.set_grad_enabled(bool(self.student_token_rows)):
-            cond_s = self.student_cond(prompts, self._encode(b.text_encoder, prompts))
+            cond_s = self.student_cond(prompts, self.ctx.encode(b.text_encoder, prompts))
         _, image = self.student_one_step(cond_s, "student", clamp=False)
         f_image = self._student_features(image, with_id=True)["id"]
         loss = cfg.id_weight * self._id_loss(f_image, self.teacher_set_images[idx].to(self.device)).mean()
         out.values["loss/id"] = out.values["loss/student"] = loss.item()
-        self._optimizer_step(self.opt_student, self.student_params, loss, "student", out)
+        self.ctx.optimizer_step(self.opt_student, self.student_params, loss, "student", out)
         self._sync_tokens()
         return out
 
@@ -56,15 +56,15 @@ class TeacherFirstMethod(OpadMethod):
         cfg = self.cfg
         g = self.generators["samples"]
         prompts = [self.data.prompt(g) for _ in range(cfg.teacher_first_samples)]
-        if self.loop.is_main:
+        if self.ctx.is_main:
             print(f"teacher-first: sampling {len(prompts)} teacher images ({cfg.teacher_first_sample_steps} DDIM "
                   "steps each)", file=sys.stderr)
         images = []
         for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="teacher samples", leave=False,
-                          disable=not (self.loop.progress and self.loop.is_main)):
+                          disable=not (self.ctx.progress and self.ctx.is_main)):
             images.append(sample_teacher(self.bundle, prompts[start : start + cfg.batch_size],
                                          steps=cfg.teacher_first_sample_steps, guidance_scale=cfg.guidance_scale,
-                                         generator=g, resolution=self.loop.resolution).cpu())
+                                         generator=g, resolution=self.ctx.resolution).cpu())
         self.teacher_set_images = torch.cat(images)
         self.teacher_set_prompts = prompts
 
