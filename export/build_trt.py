@@ -31,7 +31,8 @@ import argparse
 import sys
 
 from opad.export.engines.build import build
-from opad.export.exporter.options import run_cli
+
+from opad.errors import command_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main(extra="export")  # onnx / onnxruntime
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = run_cli(build, args)
-    if out is None:
-        return 2
+    out = build(args)
     what = "the refit map and engines.json (no engines: --plan-only)" if args.plan_only else "the engines"
     print(f"wrote {what} to {out}")
     return 0

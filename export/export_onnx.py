@@ -23,7 +23,9 @@ import argparse
 import sys
 
 from opad.export.exporter.export import export_onnx
-from opad.export.exporter.options import EXPORTERS, MIN_OPSET, run_cli
+from opad.export.exporter.options import EXPORTERS, MIN_OPSET
+
+from opad.errors import command_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main(extra="export")  # onnx / onnxruntime / onnxscript
 def main(argv: list[str] | None = None) -> int:
-    out = run_cli(export_onnx, build_parser().parse_args(argv))
-    if out is None:
-        return 2
+    out = export_onnx(build_parser().parse_args(argv))
     print(f"wrote the ONNX graphs and export.json to {out}")
     return 0
 

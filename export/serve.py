@@ -16,7 +16,7 @@ import sys
 
 from opad.export.server.launch import serve
 
-from opad.errors import OpadError, first_line
+from opad.errors import command_main
 
 BACKEND_CHOICES = ("auto", "tensorrt", "compiled", "onnxruntime", "eager")
 
@@ -54,18 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main(extra="serve")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(args)
-    except OpadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"error: {first_line(e)}; install the serve extra: pip install -e '.[serve]'", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops
         pass
     return 0
 

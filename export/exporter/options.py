@@ -1,17 +1,15 @@
-"""The export scripts' option checks and error handling (``export/export_onnx.py``, and ``run_cli``
-for ``export/build_trt.py`` too): every problem one ``error:`` line before any work starts."""
+"""The export script's option checks (``export/export_onnx.py``): every problem is one ``error:``
+line before any work starts."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from opad.export.engines.plan import parse_range
 
 from opad.devices import pick_device
 from opad.diffusion.sampling import STUDENT_STEPS
-from opad.errors import OpadError, first_line
+from opad.errors import OpadError
 from opad.generate import check_output_options
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -45,13 +43,3 @@ def check_args(args: argparse.Namespace) -> None:
         raise OpadError("--fp16 exports trace and check on a GPU: pass --device cuda (the CPU has no fp16 kernels "
                         "for the convolutions)")
 
-
-def run_cli(work, args: argparse.Namespace) -> Path | None:
-    """``work(args)``, with a problem as one ``error:`` line (None) instead of a traceback."""
-    try:
-        return work(args)
-    except OpadError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except ImportError as e:  # onnx / onnxruntime / onnxscript missing
-        print(f"error: {first_line(e)}; install the export extra: pip install -e '.[export]'", file=sys.stderr)
-    return None

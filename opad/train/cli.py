@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from opad.config import add_config_arguments, config_from_args, declared
-from opad.errors import OpadError
+from opad.errors import command_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +46,10 @@ def run(argv: list[str] | None = None):
     return trainer
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    try:
-        trainer = run(argv)
-    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    trainer = run(argv)
     out = trainer.out
     if trainer.step < trainer.cfg.max_steps:
         return 130  # interrupted, checkpoint written

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.fsutil import check_can_create, staged_dir, write_json
 from opad.world import check
 from opad.world.components import classifier, clip, component, encoders, student, teacher, vae
@@ -226,13 +226,11 @@ def run(args: argparse.Namespace) -> dict:
                  heldout_images=args.heldout_images, progress=not args.no_progress, from_shipped=args.from_shipped)
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command again to continue from the last checkpoints in {args.out}",
               file=sys.stderr)

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from torchvision.transforms.functional import to_pil_image
 from transformers import CLIPModel
 
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.models.quiet import no_transformers_bars
 from opad.world.components import encoders
 from opad.world.components import vae as world_vae
@@ -241,18 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        for flag, value in (("--images", args.images), ("--per-pair", args.per_pair)):
-            if value < 1:
-                raise OpadError(f"{flag} must be at least 1, got {value}")
-        bars = check(args.weights, args.images, args.per_pair, Path(args.grids) if args.grids else None)
-        if args.out:
-            Path(args.out).write_text(json.dumps([asdict(b) | {"met": b.met} for b in bars], indent=2) + "\n")
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for flag, value in (("--images", args.images), ("--per-pair", args.per_pair)):
+        if value < 1:
+            raise OpadError(f"{flag} must be at least 1, got {value}")
+    bars = check(args.weights, args.images, args.per_pair, Path(args.grids) if args.grids else None)
+    if args.out:
+        Path(args.out).write_text(json.dumps([asdict(b) | {"met": b.met} for b in bars], indent=2) + "\n")
     for b in bars:
         print(b.line())
     return 1 if any(b.met is False for b in bars) else 0

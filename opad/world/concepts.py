@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opad.errors import OpadError
+from opad.errors import command_main
 from opad.fsutil import check_output_folder, staged_dir
 from opad.world.render.concepts import CONCEPTS, PHOTOS, write_concepts
 
@@ -28,15 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_output_folder(args.out, args.overwrite, flag="OUT")
-        with staged_dir(args.out, replace=args.overwrite) as tmp:
-            write_concepts(tmp)
-    except (OpadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_output_folder(args.out, args.overwrite, flag="OUT")
+    with staged_dir(args.out, replace=args.overwrite) as tmp:
+        write_concepts(tmp)
     print(f"wrote {len(CONCEPTS)} concepts x {PHOTOS} photos and prompts_and_classes.txt to {args.out}")
     return 0
 

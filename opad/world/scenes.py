@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from opad.errors import OpadError
+from opad.errors import OpadError, command_main
 from opad.fsutil import check_output_folder, staged_dir
 from opad.world.render.contexts import CONTEXTS
 from opad.world.render.objects import CLASSES
@@ -62,13 +62,10 @@ def run(args: argparse.Namespace) -> Path:
     return Path(args.out)
 
 
+@command_main()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (OpadError, OSError) as e:  # OSError: disk full, permissions... (the user's environment)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(args)
     print(f"wrote {args.n} scene(s), captions.jsonl and grid.png to {out}")
     return 0
 
