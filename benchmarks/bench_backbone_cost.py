@@ -22,7 +22,7 @@ import torch
 from common import device_name, measure, write_rows
 from torch.utils.flop_counter import FlopCounterMode
 
-from opad.models.backbones import ImageProjection, _clip_vision_tower
+from opad.models.towers import ImageProjection, clip_vision_tower
 
 
 def _timm(name: str):
@@ -34,10 +34,10 @@ BACKBONES = [
     ("dino_v1_ViT-S-16", "dino_v1 ViT-S/16 (vit_small_patch16_224.dino)", 224, _timm("vit_small_patch16_224.dino")),
     ("dino_v2_ViT-S-14", "dino_v2 ViT-S/14 (--dino-v2-size small)", 518, _timm("vit_small_patch14_dinov2.lvd142m")),
     ("dino_v2_ViT-L-14", "dino_v2 ViT-L/14 (default; the paper's)", 518, _timm("vit_large_patch14_dinov2.lvd142m")),
-    ("clip_ViT-B-16", "clip ViT-B-16 (--clip-arch ViT-B-16)", 224, lambda: _clip_vision_tower("ViT-B-16")),
-    ("clip_ViT-H-14", "clip ViT-H-14 (default), pooled 1024-d", 224, lambda: _clip_vision_tower("ViT-H-14")),
+    ("clip_ViT-B-16", "clip ViT-B-16 (--clip-arch ViT-B-16)", 224, lambda: clip_vision_tower("ViT-B-16")),
+    ("clip_ViT-H-14", "clip ViT-H-14 (default), pooled 1024-d", 224, lambda: clip_vision_tower("ViT-H-14")),
     ("clip_ViT-H-14+ip_adapter", "clip ViT-H-14 + IP-Adapter projection (default), 4x768", 224,
-     lambda: torch.nn.Sequential(_clip_vision_tower("ViT-H-14"), ImageProjection(1024, 4, 768))),
+     lambda: torch.nn.Sequential(clip_vision_tower("ViT-H-14"), ImageProjection(1024, 4, 768))),
 ]
 
 

@@ -27,14 +27,8 @@ from kernel_timing import time_providers
 
 from opad.devices import pick_device
 from opad.kernels.feature_pass import BackboneInput, feature_pass
-from opad.models.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FrozenBackbone,
-    _clip_vision_tower,
-    backbone_features,
-    build_backbone,
-)
+from opad.models.backbones import FrozenBackbone, backbone_features, build_backbone
+from opad.models.towers import IMAGENET_MEAN, IMAGENET_STD, clip_vision_tower
 
 CLIP_MEAN, CLIP_STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 INPUTS = [BackboneInput(224, "antialias", IMAGENET_MEAN, IMAGENET_STD),  # dino_v1
@@ -47,7 +41,7 @@ def real_backbones() -> list[FrozenBackbone]:
     """The paper's three backbone architectures, random weights (timing only)."""
     dino = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
     dino2 = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=518)
-    clip = _clip_vision_tower("ViT-H-14")
+    clip = clip_vision_tower("ViT-H-14")
     return [FrozenBackbone("dino_v1", dino, 224, IMAGENET_MEAN, IMAGENET_STD),
             FrozenBackbone("dino_v2", dino2, 518, IMAGENET_MEAN, IMAGENET_STD),
             FrozenBackbone("clip", clip, 224, CLIP_MEAN, CLIP_STD)]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from opad.errors import OpadError
 from opad.kernels.feature_pass import resize_images
-from opad.models.backbones import ImageProjection, build_backbone
+from opad.models.backbones import build_backbone
+from opad.models.towers import ImageProjection
 from opad.train.losses import cosine_distance
 
 
@@ -273,10 +274,10 @@ def test_hub_offline_from_the_environment_in_a_fresh_process(tmp_path):
 # Measured on the 2-core CPU (2026-11-25): 14 s and 3.3 GB peak for ViT-H/14, 16 s and 3.2 GB for
 # DINOv2 ViT-L/14, mostly writing the random file -- under a minute each, so they run in CI.
 def test_default_clip_vit_h14_from_a_local_visual_only_file(tmp_path):
-    from opad.models.backbones import _clip_vision_tower
+    from opad.models.towers import clip_vision_tower
 
     path = tmp_path / "vit_h14_visual.safetensors"
-    visual = _clip_vision_tower("ViT-H-14")
+    visual = clip_vision_tower("ViT-H-14")
     safetensors.torch.save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, path)
     del visual
     backbone = build_backbone("clip", str(path))

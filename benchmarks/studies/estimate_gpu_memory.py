@@ -137,7 +137,8 @@ class FakeModels:
                        resize="antialias", ip_adapter=None, seed=0):
         import open_clip
 
-        from opad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone
+        from opad.models.backbones import FrozenBackbone
+        from opad.models.towers import IMAGENET_MEAN, IMAGENET_STD
 
         if not self.backbone_modules:
             self.backbone_modules = {k: _fake(m, self.dtype) for k, m in writer.build_backbones(empty=False).items()}

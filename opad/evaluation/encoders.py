@@ -23,7 +23,7 @@ from torchvision import transforms as T
 
 from opad.errors import OpadError, first_line
 from opad.fsutil import file_hash
-from opad.models.backbones import IMAGENET_MEAN, IMAGENET_STD, _offline_error, _timm_encoder
+from opad.models.towers import IMAGENET_MEAN, IMAGENET_STD, offline_error, timm_encoder
 
 DINO_TIMM = "vit_small_patch16_224.dino"
 CLIP_DEFAULT_ARCH = "ViT-B-32"
@@ -75,7 +75,7 @@ class DinoEncoder(Encoder):
         self.model_id = f"timm:{DINO_TIMM}@{_source_id(source)}"
         self.comparable = source != "tiny"
         try:  # the backbones' timm loader: random tiny, hub (downloads) or a file
-            model = _timm_encoder("dino", DINO_TIMM, source, seed, flag="--dino-weights FILE")
+            model = timm_encoder("dino", DINO_TIMM, source, seed, flag="--dino-weights FILE")
         except (RuntimeError, ValueError, OSError) as e:
             raise OpadError(f"--dino-weights {source}: not a {DINO_TIMM} checkpoint ({first_line(e)})") from e
         self.model = model.eval()
@@ -125,7 +125,7 @@ class ClipEncoder(Encoder):
                 model, _, transform = open_clip.create_model_and_transforms(
                     arch, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
             except Exception as e:  # noqa: BLE001 - network, offline mode or a hub error: say what was wanted
-                raise _offline_error("the CLIP metric model", f"open_clip {arch} pretrained {tag!r}",
+                raise offline_error("the CLIP metric model", f"open_clip {arch} pretrained {tag!r}",
                                      "--clip-weights FILE", e) from e
             return model, transform
         try:

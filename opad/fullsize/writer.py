@@ -125,10 +125,10 @@ def build_backbones(*, empty: bool = True) -> dict[str, nn.Module]:
     """The paper's backbones by ``BACKBONE_FILES`` key."""
     import timm
 
-    from opad.models.backbones import ImageProjection, _clip_vision_tower
+    from opad.models.towers import ImageProjection, clip_vision_tower
 
     with _empty(empty):
-        clip = _clip_vision_tower(CLIP_ARCH)
+        clip = clip_vision_tower(CLIP_ARCH)
         return {
             "clip": clip,
             "ip_adapter": ImageProjection(clip.output_dim, IP_TOKENS, IP_TOKEN_DIM),
