@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -232,6 +233,30 @@ def test_routes_keys_and_probes(eager):
     for name in ("opad_requests_total", "opad_errors_total", "opad_queue_depth", "opad_batch_images_count",
                  "opad_stage_seconds_count"):
         assert name in text
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_info_line_and_a_499(eager, caplog):
+    """A disconnect while the body is still arriving is the client's doing: no traceback, no server error."""
+    def disconnects() -> float:
+        text = eager.request("GET", "/metrics")[2]
+        found = re.search(r'^opad_requests_total{route="/v1/images/generations",status="499"} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before, errors_before = disconnects(), eager.metric("opad_errors_total")
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", eager.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 4000\r\n\r\n{\"model\": \"ba")
+        time.sleep(0.3)  # the server is inside the body when the client goes
+    deadline = time.time() + 10
+    while disconnects() < before + 1:
+        assert time.time() < deadline, "the disconnect was never counted as a 499"
+        time.sleep(0.05)
+    assert eager.metric("opad_errors_total") == errors_before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert any("disconnected" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+    assert eager.request("POST", ERROR, OK)[0] == 200  # and the server goes on
 
 
 def test_timeout_answers_504(eager):

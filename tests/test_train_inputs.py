@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -150,3 +151,26 @@ def test_config_file_with_flag_override(tiny_dir, tmp_path):
 
     saved = json.loads((out / "config.json").read_text())
     assert (saved["max_steps"], saved["swd_weight"], saved["discriminators"], saved["id_weight"]) == (1, 0.0, ["clip"], 0.0)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "class-dir"])
+def test_a_bad_photo_is_refused_before_any_model_is_loaded_or_cached(tmp_path, bad):
+    """Every input is checked before the preset's models are written to the cache or loaded: a refused
+    run costs seconds and leaves nothing new (the world preset writes its pipelines on first use)."""
+    photos, cache, out = tmp_path / "photos", tmp_path / "cache", tmp_path / "out"
+    photos.mkdir()
+    _photo(photos / "a.png", size=(72, 72))
+    broken = photos / "b.jpg" if bad == "corrupt" else tmp_path / "class" / "c.jpg"
+    broken.parent.mkdir(exist_ok=True)
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    extra = ["--class-dir", str(broken.parent)] if bad == "class-dir" else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPAD_CACHE": str(cache), "OPAD_PRESET": "world"}
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "opad.train", "--instance-dir", str(photos), "--class-name", "mug",
+                        "--output-dir", str(out), "--max-steps", "1", *extra],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 2 and f"could not read image {str(broken)!r}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not cache.exists() or not any(cache.iterdir()), sorted(p.name for p in cache.iterdir())
+    assert not out.exists()
+    assert time.perf_counter() - start < 60

@@ -37,6 +37,7 @@ from opad.export.server.metrics import Metrics
 from opad.export.server.request import ApiError, parse_generation, parse_json
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from opad.errors import OpadError, first_line
 
@@ -54,6 +55,9 @@ class Settings:
     api_key: str | None = None
     retry_after_s: int = 1
     warm_up_budget_s: float = 300.0  # ready after this even if variants are left to compile
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request the client abandoned (no one reads it)
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -256,6 +260,9 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
                 batcher.cancel(job)  # whatever has not started yet is not wanted any more
         except ApiError as e:
             return _error(e, metrics)
+        except ClientDisconnect:  # the client's doing, not the server's: one line, counted as nginx's 499
+            log.info("client disconnected while sending its request to %s", request.url.path)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         encode_start = time.perf_counter()
         encoded = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
         finished = time.perf_counter()

@@ -80,6 +80,23 @@ def read_image(path: Path) -> Image.Image:
         raise OpadError(f"could not read image {str(path)!r}: it is corrupt or not an image ({e})") from e
 
 
+def _listed_images(folder: str | os.PathLike, what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OpadError(f"{what} folder not found: {str(folder)!r}")
+    files = image_files(folder)
+    if not files:
+        raise OpadError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def check_images(folder: str | os.PathLike, what: str = "instance") -> None:
+    """Every image in ``folder`` opens and decodes (the size checks need the resolution, which comes
+    with the model): run before anything is loaded or cached, so a bad photo costs seconds."""
+    for path in _listed_images(folder, what):
+        read_image(path).close()
+
+
 def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bool, what: str = "instance",
                 crop: str = "center") -> list[Tensor]:
     """Every image in ``folder`` as a square (3, S, S) float tensor in [0, 1], S >= ``resolution``.
@@ -87,12 +104,7 @@ def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bo
     Images are centre-cropped (or, ``crop="stretch"``, squeezed) to a square and kept at up to 1.4x
     the resolution (the largest zoom of the scale augmentation). Errors name the file and the problem.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise OpadError(f"{what} folder not found: {str(folder)!r}")
-    files = image_files(folder)
-    if not files:
-        raise OpadError(f"{what} folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = _listed_images(folder, what)
     keep = round(1.4 * resolution)
     images = []
     for path in files:

@@ -31,7 +31,7 @@ from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset, run_teacher
 from opad.train.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.train.context import TrainContext
-from opad.train.data import ConceptData, load_images
+from opad.train.data import ConceptData, check_images, load_images
 from opad.train.methods import method_class
 from opad.train.methods.base import Method, StepOutcome
 from opad.train.previews import preview_prompts, write_preview
@@ -87,6 +87,11 @@ class Trainer:
         self.device = self.accelerator.device
         if cfg.instance_dir and not cfg.class_name:
             raise OpadError("--class-name is required with --instance-dir (e.g. --class-name dog)")
+        # every photo is read before a model is loaded or a cache written: a refused run costs seconds
+        if cfg.instance_dir:
+            check_images(cfg.instance_dir)
+        if cfg.class_dir:
+            check_images(cfg.class_dir, what="class-prior")
         folder = self.preset.folder() if self.preset else None
         teacher, student = (str(folder / "teacher"), str(folder / "student")) if folder else (cfg.teacher, cfg.student)
         if cfg.finetune == "teacher":  # a baseline on the multi-step model: it trains in the student's seat
@@ -104,9 +109,12 @@ class Trainer:
             b.vae.enable_gradient_checkpointing()
 
         # data
-        bundled_dir, bundled_class = (self.preset or PRESETS["tiny"]).concept()
-        self.instance_dir = instance_dir = Path(cfg.instance_dir or bundled_dir)
-        self.class_name = cfg.class_name or bundled_class
+        if cfg.instance_dir:
+            instance_dir, self.class_name = Path(cfg.instance_dir), cfg.class_name
+        else:  # the preset's own concept (written to the cache on first use)
+            bundled_dir, bundled_class = (self.preset or PRESETS["tiny"]).concept()
+            instance_dir, self.class_name = Path(bundled_dir), cfg.class_name or bundled_class
+        self.instance_dir = instance_dir
         self.resolution = cfg.resolution or b.default_resolution
         if self.resolution % b.vae_scale_factor:
             raise OpadError(f"--resolution must be a multiple of {b.vae_scale_factor}, got {self.resolution}")
