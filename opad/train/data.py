@@ -90,25 +90,28 @@ def _listed_images(folder: str | os.PathLike, what: str) -> list[Path]:
     return files
 
 
-def check_images(folder: str | os.PathLike, what: str = "instance") -> None:
-    """Every image in ``folder`` opens and decodes (the size checks need the resolution, which comes
-    with the model): run before anything is loaded or cached, so a bad photo costs seconds."""
-    for path in _listed_images(folder, what):
-        read_image(path).close()
+def read_images(folder: str | os.PathLike, what: str = "instance") -> list[tuple[Path, Image.Image]]:
+    """Every image in ``folder``, decoded: the trainer reads them before anything is loaded or cached,
+    so a bad photo costs seconds (the size checks wait for the resolution, which comes with the model)."""
+    return [(path, read_image(path)) for path in _listed_images(folder, what)]
 
 
 def load_images(folder: str | os.PathLike, resolution: int, *, allow_upscale: bool, what: str = "instance",
                 crop: str = "center") -> list[Tensor]:
-    """Every image in ``folder`` as a square (3, S, S) float tensor in [0, 1], S >= ``resolution``.
+    """Every image in ``folder`` as :func:`square_images` makes it."""
+    return square_images(read_images(folder, what), resolution, allow_upscale=allow_upscale, crop=crop)
+
+
+def square_images(photos: list[tuple[Path, Image.Image]], resolution: int, *, allow_upscale: bool,
+                  crop: str = "center") -> list[Tensor]:
+    """Each photo as a square (3, S, S) float tensor in [0, 1], S >= ``resolution``.
 
     Images are centre-cropped (or, ``crop="stretch"``, squeezed) to a square and kept at up to 1.4x
     the resolution (the largest zoom of the scale augmentation). Errors name the file and the problem.
     """
-    files = _listed_images(folder, what)
     keep = round(1.4 * resolution)
     images = []
-    for path in files:
-        img = read_image(path)
+    for path, img in photos:
         w, h = img.size
         if min(w, h) < resolution and not allow_upscale:
             raise OpadError(

@@ -31,7 +31,7 @@ from opad.models.loading import load_models
 from opad.presets import PRESETS, default_preset, run_teacher
 from opad.train.checkpoint import latest_checkpoint, load_newest_readable, remove_partial, save_checkpoint
 from opad.train.context import TrainContext
-from opad.train.data import ConceptData, check_images, load_images
+from opad.train.data import ConceptData, read_images, square_images
 from opad.train.methods import method_class
 from opad.train.methods.base import Method, StepOutcome
 from opad.train.previews import preview_prompts, write_preview
@@ -88,10 +88,8 @@ class Trainer:
         if cfg.instance_dir and not cfg.class_name:
             raise OpadError("--class-name is required with --instance-dir (e.g. --class-name dog)")
         # every photo is read before a model is loaded or a cache written: a refused run costs seconds
-        if cfg.instance_dir:
-            check_images(cfg.instance_dir)
-        if cfg.class_dir:
-            check_images(cfg.class_dir, what="class-prior")
+        photos = read_images(cfg.instance_dir) if cfg.instance_dir else None
+        class_photos = read_images(cfg.class_dir, what="class-prior") if cfg.class_dir else None
         folder = self.preset.folder() if self.preset else None
         teacher, student = (str(folder / "teacher"), str(folder / "student")) if folder else (cfg.teacher, cfg.student)
         if cfg.finetune == "teacher":  # a baseline on the multi-step model: it trains in the student's seat
@@ -118,7 +116,8 @@ class Trainer:
         self.resolution = cfg.resolution or b.default_resolution
         if self.resolution % b.vae_scale_factor:
             raise OpadError(f"--resolution must be a multiple of {b.vae_scale_factor}, got {self.resolution}")
-        images = load_images(instance_dir, self.resolution, allow_upscale=cfg.allow_upscale, crop=cfg.crop)
+        images = square_images(photos or read_images(instance_dir), self.resolution, allow_upscale=cfg.allow_upscale,
+                               crop=cfg.crop)
         if cfg.one_shot:
             images = images[:1]
         self.subject = f"{cfg.token} {self.class_name}"
@@ -126,9 +125,8 @@ class Trainer:
                                 scale_aug=cfg.scale_aug, prompt_style=cfg.prompt_style, sampling=cfg.sampling,
                                 seed=cfg.seed * 7919 + 104729 * self.accelerator.process_index)
         self.class_data = None
-        if cfg.class_dir:
-            class_images = load_images(cfg.class_dir, self.resolution, allow_upscale=True, what="class-prior",
-                                       crop=cfg.crop)
+        if class_photos:
+            class_images = square_images(class_photos, self.resolution, allow_upscale=True, crop=cfg.crop)
             self.class_data = ConceptData(class_images, self.class_name, self.resolution, b.vae_scale_factor,
                                           flip=cfg.flip, scale_aug=False)
 
