@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": "images from the one-step student, with or without a concept",
     "tiny": "write the tiny offline preset (teacher + student diffusers folders)",
     "fullsize": "write random-weight SD 2.1 / SD-Turbo pipelines and the paper's backbones at their published size",
+    "convert": "a concept to the LoRA / embedding files ComfyUI, AUTOMATIC1111 / Forge, kohya and diffusers load",
     "export": "'export onnx': split ONNX graphs (checked with ONNX Runtime); 'export trt': TensorRT engines",
     "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
     "evaluate": "DINO, CLIP-I and CLIP-T of generated images against real photos (DreamBench metrics)",

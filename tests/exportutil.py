@@ -18,14 +18,14 @@ PROMPT = "a photo of <new1> dog"
 
 
 def make_concept(tiny_dir, out_dir, seed):
-    """A concept of the tiny student with perturbed K/V weights and its own token row."""
+    """A concept of a preset's student (tiny_dir: the preset folder) with perturbed K/V weights and its own token row."""
     bundle = load_models(student=str(tiny_dir / "student"), load_teacher=False)
     ids = add_modifier_tokens(bundle.tokenizer, bundle.text_encoder, ["<new1>"], ["dog"])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in kv_parameters(bundle.student_unet):
             p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.8)
-        bundle.text_encoder.get_input_embeddings().weight[ids[0]] += torch.randn(16, generator=g)
+        bundle.text_encoder.get_input_embeddings().weight[ids[0]] += torch.randn(bundle.text_encoder.config.hidden_size, generator=g)
     save_concept(out_dir, bundle.student_unet, bundle.tokenizer, bundle.text_encoder, ["<new1>"])
     return Path(out_dir)
 

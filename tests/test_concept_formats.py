@@ -92,6 +92,8 @@ def test_files_and_descriptions(made):
         names = sorted(p.name for p in made[fmt].iterdir())
         assert names == sorted(["<new1>.safetensors", META_NAME, *files])
         meta = json.loads((made[fmt] / META_NAME).read_text())
+        base = meta.pop("base", None)  # which base model: a probe of weights only a unet concept changes
+        assert (base is None) == (fmt == "unet") and (base is None or len(base["probe"]) == 64)
         assert meta == {"tokens": ["<new1>"], "format": fmt, "method": "dreambooth" if fmt == "unet" else fmt}
         assert concept_format(made[fmt]) == fmt
     with safe_open(made["lora"] / LORA_NAME, "pt") as f:

@@ -32,6 +32,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from opad.concept.base import base_record
 from opad.concept.lora import LORA_NAME, check_lora, has_adapter, lora_state, merge_lora, write_lora
 from opad.concept.tensors import check_finite, check_weight, read_safetensors
 from opad.concept.tokens import (
@@ -178,6 +179,8 @@ def save_concept(
     rows = token_rows(tokenizer, text_encoder, tokens, where)
     write = _writer(format, unet, where)
     meta = {"tokens": tokens, "format": format, "method": method or format}
+    if format != "unet":  # a whole-UNet concept changes the probed weights too
+        meta["base"] = base_record(unet)
     with staged_dir(out_dir, replace=replace) as tmp:
         write(tmp)
         write_token_rows(tmp, rows)
@@ -185,12 +188,14 @@ def save_concept(
     return Path(out_dir)
 
 
-def _read_meta(concept_dir: Path) -> tuple[str, list[str]]:
-    """(format, tokens) of a concept folder; a folder without opad_concept.json is diffusers' own
-    Custom Diffusion output, its tokens the names of its other safetensors files."""
+def read_description(concept_dir: Path) -> dict:
+    """A concept folder's opad_concept.json (``tokens``, ``format``, ``method``, ``base`` when recorded),
+    checked; a folder without one is diffusers' own Custom Diffusion output, its tokens the names of
+    its other safetensors files."""
     meta = concept_dir / META_NAME
     if not meta.is_file():
-        return "custom-diffusion", sorted(p.stem for p in concept_dir.glob("*.safetensors") if p.name != WEIGHTS_NAME)
+        tokens = sorted(p.stem for p in concept_dir.glob("*.safetensors") if p.name != WEIGHTS_NAME)
+        return {"tokens": tokens, "format": "custom-diffusion", "method": "custom-diffusion"}
     try:
         data = json.loads(meta.read_text())
         tokens, format = data["tokens"], data.get("format", "custom-diffusion")
@@ -200,7 +205,13 @@ def _read_meta(concept_dir: Path) -> tuple[str, list[str]]:
         raise OpadError(f"{meta} is not a valid concept description (tokens must be a list of strings)")
     if format not in FORMATS:
         raise OpadError(f"{meta}: unknown concept format {format!r}; opad reads {', '.join(FORMATS)}")
-    return format, tokens
+    return {**data, "format": format, "method": data.get("method", format)}
+
+
+def _read_meta(concept_dir: Path) -> tuple[str, list[str]]:
+    """(format, tokens) of a concept folder."""
+    data = read_description(concept_dir)
+    return data["format"], data["tokens"]
 
 
 def _existing(concept_dir: str | os.PathLike) -> Path:
