@@ -164,6 +164,12 @@ def _usage(to: str, name: str, words: list[str], tokens: list[str], has_lora: bo
     }
 
 
+def _shareable(base: str) -> str:
+    """The base as the files name it: a hub id as is, a local folder by its last two parts (no home paths)."""
+    path = Path(base)
+    return "/".join(path.parts[-2:]) if path.is_absolute() else base
+
+
 def run(args: argparse.Namespace) -> Path:
     concept, out = Path(args.concept), Path(args.out)
     rank = _rank(args.rank)
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> Path:
     tokens = list(deltas.rows)
     words = [name] if len(tokens) == 1 else [f"{name}_{i + 1}" for i in range(len(tokens))]
     cross = bundle.student_unet.config.cross_attention_dim
-    metadata = common_metadata(name=name, base=base, base_id=(description.get("base") or {}).get("probe_id"),
+    metadata = common_metadata(name=name, base=_shareable(base), base_id=(description.get("base") or {}).get("probe_id"),
                                rank=args.rank, description=description, tokens=tokens, words=words,
                                cross_attention_dim=cross)
     usage = _usage(args.to, name, words, tokens, bool(factors))
