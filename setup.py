@@ -77,9 +77,11 @@ setup(
     # a top-level kernels/ package would shadow Hugging Face's `kernels`, which transformers (>= 5.25)
     # requires and imports.
     package_dir={"opad.export": "export"},
-    # the mini world's trained weights ship inside the package (opad/world/weights, a few MB)
+    # the mini world's trained weights ship inside the package (opad/world/weights, a few MB), and so
+    # does the server's live page (export/server/page: plain HTML, CSS and JavaScript, no build step)
     package_data={"opad.world": ["weights/*.json", "weights/*/*.json", "weights/*/*.safetensors",
-                                 "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.png"]},
+                                 "weights/*/*/*.json", "weights/*/*/*.safetensors", "weights/*/*.png"],
+                  "opad.export.server": ["page/*.html", "page/*.css", "page/*.js"]},
     install_requires=[
         *TORCH,
         "diffusers>=0.35",
@@ -100,7 +102,9 @@ setup(
     extras_require={
         # the export and server tests run real ONNX Runtime, real HTTP and the official openai client
         # cuobjdump (CUDA 13's, which reads older cubins too) lists opad._C's machine code per arch
+        # playwright drives the system's Chromium (apt-get install chromium; never `playwright install`)
         "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0",
+                 "playwright>=1.40",
                  "nvidia-cuda-cuobjdump>=13; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],

@@ -3,10 +3,6 @@ official ``openai`` client, batching, limits, keys and broken concepts (tiny pre
 
 from __future__ import annotations
 
-import base64
-import http.client
-import io
-import json
 import logging
 import re
 import shutil
@@ -21,71 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from exportutil import PROMPT, export, generate, make_concept
+from exportutil import KEY, PROMPT, LiveServer, decode, export, generate, make_concept
 from opad.export import serve
 from opad.export.runtime import Runner
 from opad.export.server import launch
 from opad.export.server.app import Settings, build_app
 from opad.export.server.concept_store import ConceptStore
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "sk-test-key"
-
-
-class LiveServer:
-    """The app under uvicorn in a thread, on a port of its own."""
-
-    def __init__(self, make_runner, concepts: Path | None, settings: Settings) -> None:
-        self.settings = settings  # as the server does: the runner built and used on one thread
-        self.server = launch.ThreadedServer(build_app(make_runner, concepts, settings).app)
-        self.port = self.server.port
-        deadline = time.time() + 60
-        while self.request("GET", "/ready")[0] != 200:
-            assert time.time() < deadline, "the server never became ready"
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def request(self, method: str, path: str, body: object = None, *, key: str | None = KEY,
-                raw: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, object]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        sent = {"Content-Type": "application/json", **(headers or {})}
-        if key is not None:
-            sent["Authorization"] = f"Bearer {key}"
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        try:
-            conn.request(method, path, body=data, headers=sent, encode_chunked="Transfer-Encoding" in sent)
-            response = conn.getresponse()
-            text = response.read()
-        except (ConnectionError, OSError):
-            return 0, {}, None
-        finally:
-            conn.close()
-        head = {k.lower(): v for k, v in response.getheaders()}
-        content = json.loads(text) if head.get("content-type", "").startswith("application/json") else text.decode()
-        return response.status, head, content
-
-    def images(self, model: str, seed: int, n: int = 1, prompt: str = PROMPT, **extra) -> list[np.ndarray]:
-        status, _, body = self.request("POST", "/v1/images/generations",
-                                       {"model": model, "prompt": prompt, "n": n, "seed": seed, **extra})
-        assert status == 200, body
-        return [decode(item["b64_json"]) for item in body["data"]]
-
-    def metric(self, name: str) -> float:
-        _, _, text = self.request("GET", "/metrics")
-        return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-def decode(b64: str) -> np.ndarray:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
-    return np.asarray(image.convert("RGB"))
 
 
 @pytest.fixture(scope="module")

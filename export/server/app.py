@@ -1,7 +1,8 @@
 """The HTTP side of the server: an OpenAI-compatible images API over one :class:`Runner`.
 
 Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``/health`` (alive), ``/ready``
-(models loaded and warmed up), ``/metrics`` (Prometheus).
+(models loaded and warmed up), ``/metrics`` (Prometheus), and the live page for people: ``GET /``
+and its assets ``GET /page/NAME`` (:mod:`.site`).
 
 Warm-up runs every (steps, batch) variant the backend compiles once (:meth:`Runner.warm_up_plan`,
 the default step count first). Compiling all of them can take many minutes on a GPU
@@ -12,7 +13,7 @@ that arrives during a variant's compile waits for it; a request for a variant no
 compiles it on first use). ``/ready`` lists the variants still to come, as ``compiling``:
 503 ``{"status": "warming up", "compiling": [...]}`` before, 200 ``{"status": "ready", ...,
 "compiling": [...]}`` after. With an API key every route but
-``/health`` needs ``Authorization: Bearer KEY``. Errors come in OpenAI's shape
+``/health`` and the page's own files (which carry no secret) needs ``Authorization: Bearer KEY``. Errors come in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -35,6 +36,7 @@ from opad.export.server.batcher import Batcher, ModelThread, QueueFull
 from opad.export.server.concept_store import BASE, ConceptStore, is_plain_name
 from opad.export.server.metrics import Metrics
 from opad.export.server.request import ApiError, parse_generation, parse_json
+from opad.export.server.site import HEADERS, page_files, route_label
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -109,6 +111,8 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
     state: dict = {"ready": False, "compiling": [], "failed": [], "error": None}
     size = f"{runner.resolution}x{runner.resolution}"
     batcher: Batcher | None = None
+    page = page_files()
+    public = {"/health", *page}  # answered without the key: the probe, and the page with its assets
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -165,8 +169,8 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
     @app.middleware("http")
     async def keys_and_counts(request: Request, call_next):
         path = request.url.path
-        route = path if path in ROUTES else "other"
-        if settings.api_key and path != "/health":
+        route = path if path in ROUTES else route_label(path) or "other"
+        if settings.api_key and path not in public:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if not given:
@@ -199,6 +203,20 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    def _page_file(path: str) -> Response:
+        content, media_type = page[path]
+        return Response(content, media_type=media_type, headers=HEADERS)
+
+    @app.get("/")
+    async def index():
+        return _page_file("/")
+
+    @app.get("/page/{name}")
+    async def asset(name: str):
+        if f"/page/{name}" not in page:
+            return _error(ApiError(404, f"no route GET /page/{name}", code="not_found"), metrics)
+        return _page_file(f"/page/{name}")
 
     @app.get("/ready")
     async def ready():
