@@ -34,6 +34,7 @@ NOT_OPAD = {
     "cp": "shell: copies a concept",
     "python -m venv": "set-up: makes the virtualenv",
     "python -m pytest": "the test runner",
+    "ray": "Ray's own command line: starts and stops the cluster opad jobs --ray runs on",
 }
 # A segment holding one of these is a template, not a command line: it is skipped (none is now).
 PLACEHOLDERS = ("...", "<command>")
