@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
                          else "from the start")
                 first = record["attempt"] == 1
                 progress.event(name, "running" if first else "retried",
-                               f"{'' if first else 'attempt %d, ' % record['attempt']}{where} on {record['host']}",
+                               ("" if first else f"attempt {record['attempt']}, ") + f"{where} on {record['host']}",
                                attempts=record["attempt"], resumed_from=record["resume_step"])
 
     def finished(payload: dict, result: dict) -> None:

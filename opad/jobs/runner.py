@@ -40,13 +40,17 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
 
 
+try:  # bound here, in the parent: the child only makes the one call
+    _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except OSError:  # not Linux / glibc: a lost worker's trainer is not killed with it
+    _PRCTL = None
+
+
 def _die_with_parent() -> None:
     """In the trainer's process: be killed when the attempt's process dies (a lost Ray worker must not
     leave a trainer writing into the folder the retry resumes from)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _error_line(log: Path, start: int) -> str:
@@ -80,11 +84,14 @@ def attempt(payload: dict, gpu: int | None = None) -> dict:
     number = len(state.attempts(out, token)) + 1
     started = time.time()
     with log.open("ab") as f:
-        f.write(f"\n=== opad.jobs attempt {number} on {host} ({'resuming from step %d' % where.step if where.kind == 'resume' else 'from the start'})\n".encode())
+        how = f"resuming from step {where.step}" if where.kind == "resume" else "from the start"
+        f.write(f"\n=== opad.jobs attempt {number} on {host} ({how})\n".encode())
         start = f.tell()
         f.flush()
         proc = subprocess.Popen([sys.executable, "-m", "opad.train", *flags], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, env=env,
+                                # only the prctl call runs in the child (no lock a thread could hold)
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
     record = {"token": token, "attempt": number, "host": host, "pid": os.getpid(), "trainer_pid": proc.pid,
               "resume_step": where.step if where.kind == "resume" else 0, "started": started}
     with (out / state.ATTEMPTS).open("a") as f:
