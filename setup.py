@@ -63,6 +63,7 @@ def _extension_build() -> dict:
 
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]
+RAY = ["ray>=2.40"]  # python -m opad.jobs --ray (Ray Core tasks); tested with 2.60.0
 
 setup(
     name="opad",
@@ -103,12 +104,13 @@ setup(
         # the export and server tests run real ONNX Runtime, real HTTP and the official openai client
         # cuobjdump (CUDA 13's, which reads older cubins too) lists opad._C's machine code per arch
         # playwright drives the system's Chromium (apt-get install chromium; never `playwright install`)
-        "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0",
+        "test": ["pytest>=8", "pytest-xdist>=3", "onnx", "onnxruntime", "onnxscript", *SERVE, "openai>=1.0", *RAY,
                  "playwright>=1.40",
                  "nvidia-cuda-cuobjdump>=13; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],
+        "ray": RAY,  # opad jobs --ray: the jobs as tasks on a Ray cluster
         "docs": ["mkdocs-material>=9"],  # the docs/ site; tests/test_docs.py builds it with --strict
     },
     entry_points={"console_scripts": ["opad=opad.cli:main"]},

@@ -17,10 +17,11 @@ COMMANDS = {
     "serve": "an OpenAI-compatible image server for the student and a folder of concepts",
     "evaluate": "DINO, CLIP-I and CLIP-T of generated images against real photos (DreamBench metrics)",
     "reproduce": "the paper's Table 5 on DreamBench: train, generate and score each (subject, method)",
+    "jobs": "train every concept of a jobs file (YAML / CSV), here or as tasks on a Ray cluster (--ray)",
 }
 EXPORT_MODULES = {"onnx": "opad.export.export_onnx", "trt": "opad.export.build_trt"}
 # where each command's main() lives when it is not opad.<command>
-MODULES = {"train": "opad.train.cli"}
+MODULES = {"train": "opad.train.cli", "jobs": "opad.jobs.cli"}
 
 
 def command_module(name: str):

@@ -35,6 +35,7 @@ NOT_OPAD = {
     "python -m venv": "set-up: makes the virtualenv",
     "python -m pytest": "the test runner",
     "apt-get": "set-up: installs the system's Chromium for the live page's browser test",
+    "ray": "Ray's own command line: starts and stops the cluster opad jobs --ray runs on",
 }
 # A segment holding one of these is a template, not a command line: it is skipped (none is now).
 PLACEHOLDERS = ("...", "<command>")

@@ -1,0 +1,5 @@
+import sys
+
+from opad.jobs.cli import main
+
+sys.exit(main())
