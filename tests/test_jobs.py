@@ -200,3 +200,43 @@ def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_result(cluste
     again = json.loads(out.splitlines()[-1])["summary"]
     assert (again["skipped"], again["done"], again["failed"]) == (2, 0, 1), err[-2000:]
     assert len(state.attempts(tmp_path / "out" / "killed")) == 2 and len(state.attempts(tmp_path / "out" / "bad")) == 2
+
+
+# ---------------------------------------------------------------------------------------- opad.reproduce --ray
+def test_reproduce_job_on_ray_records_lost_and_unseen_jobs(tmp_path):
+    """A reproduce job's process killed by a signal is lost (Ray retries it; its training resumes from the
+    job's checkpoints); a job folder the worker cannot see fails in one line."""
+    from opad.evaluation.reproduce.jobs import ray_job
+    from opad.jobs.runner import JobLost
+
+    job = tmp_path / "job"
+    job.mkdir()
+    kill = [sys.executable, "-c", "import os, signal; print('started'); os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(JobLost, match="killed by signal 9"):
+        ray_job({"job_dir": str(job), "argv": kill, "env": {}})
+    assert "started" in (job / "log.txt").read_text()
+    fail = [sys.executable, "-c", "import sys; print('error: no photos in /x'); sys.exit(2)"]
+    assert ray_job({"job_dir": str(job), "argv": fail, "env": {}}) == {"error": "error: no photos in /x"}
+    unseen = ray_job({"job_dir": str(tmp_path / "elsewhere"), "argv": fail, "env": {}})
+    assert "cannot see" in unseen["error"] and "storage every worker sees" in unseen["error"]
+
+
+def test_reproduce_runs_its_jobs_as_ray_tasks(cluster, dreambench_dir, tmp_path, capsys):
+    import shutil
+
+    from opad.evaluation import reproduce
+
+    root = tmp_path / "dreambench"
+    shutil.copytree(dreambench_dir / "can", root / "can")
+    shutil.copy(dreambench_dir / "prompts_and_classes.txt", root / "prompts_and_classes.txt")
+    argv = ["--out", str(tmp_path / "repro"), "--dreambench", str(root), "--subjects", "can", "--max-steps", "2",
+            "--prompts", "1", "--seeds", "1", "--dino-weights", "tiny", "--clip-weights", "tiny",
+            "--train-arg=--preview-teacher-steps=2", "--methods", "textual-inversion", "--ray", "auto"]
+    assert reproduce.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "running 1 jobs on Ray" in err and err.count(": done") == 1, err[-2000:]
+    job = tmp_path / "repro" / "runs" / "can" / "textual-inversion" / "seed0"
+    assert json.loads((job / "done.json").read_text())["method"] == "textual-inversion"
+    assert "| textual-inversion | 1 |" in (tmp_path / "repro" / "table.md").read_text()
+    assert reproduce.main(argv) == 0  # run again: done before, nothing runs
+    assert "1 done before, 0 to run" in capsys.readouterr().err

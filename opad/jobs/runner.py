@@ -158,15 +158,14 @@ class LocalRunner:
 
 
 # ---------------------------------------------------------------------------------------- Ray
-def _ray_attempt(payload: dict) -> dict:
-    return attempt(payload)
-
-
 class RayRunner:
     """Each job a Ray task (``num_gpus=1`` where the cluster has GPUs, else ``cpus`` CPUs); Ray retries a
-    task whose worker died (or whose trainer was killed or preempted) up to ``retries`` times."""
+    task whose worker died (or whose trainer was killed or preempted: ``work`` raised :class:`JobLost`) up to
+    ``retries`` times. ``work(payload) -> result`` is one attempt: a trainer run (:func:`attempt`), or another
+    command's job (``opad.reproduce --ray``)."""
 
-    def __init__(self, address: str, retries: int, cpus: float) -> None:
+    def __init__(self, address: str, retries: int, cpus: float, work: Callable[[dict], dict] = attempt) -> None:
+        self.work = work
         try:
             import ray
         except ImportError as e:
@@ -190,7 +189,7 @@ class RayRunner:
 
     def run(self, payloads: list[dict], poll: Callable[[], None], finished: Callable[[dict, dict], None]) -> None:
         ray = self.ray
-        task = ray.remote(_ray_attempt).options(max_retries=self.retries, retry_exceptions=[JobLost], **self.resources)
+        task = ray.remote(self.work).options(max_retries=self.retries, retry_exceptions=[JobLost], **self.resources)
         refs = {task.remote(p): p for p in payloads}
         pending = list(refs)
         while pending:

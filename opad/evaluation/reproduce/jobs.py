@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -140,21 +141,79 @@ def _fresh_job(out: Path, subject: str, arm: str, seed: int) -> Path:
     return job
 
 
-def _spawn(args: argparse.Namespace, argv: list[str], subject: str, arm: str, seed: int, gpu: int | None) -> str | None:
-    """One job in its own process; None on success, else its error line (also in failed.json)."""
-    job = _fresh_job(Path(args.out), subject, arm, seed)
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    with (job / "log.txt").open("w") as log:
-        code = subprocess.call(_job_argv(argv, subject, arm, seed), stdout=log, stderr=subprocess.STDOUT, env=env)
+def _job_process(job: Path, argv: list[str], env: dict[str, str]) -> tuple[int, str | None]:
+    """Run one job's process (its log in the job folder); (exit code, None on success else its error line,
+    also in failed.json)."""
+    with (job / "log.txt").open("a") as log:
+        code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     if code == 0 and (job / "done.json").is_file():
-        return None
+        return code, None
     lines = (job / "log.txt").read_text(errors="replace").splitlines()
     # the first error line is the cause (the job's own line that follows only says which step failed)
     error = next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "no output")
     (job / "failed.json").write_text(json.dumps({"exit_code": code, "error": error, "log": str(job / "log.txt")}))
-    return error
+    return code, error
+
+
+def _spawn(args: argparse.Namespace, argv: list[str], subject: str, arm: str, seed: int, gpu: int | None) -> str | None:
+    """One job in its own process; None on success, else its error line (also in failed.json)."""
+    job = _fresh_job(Path(args.out), subject, arm, seed)
+    (job / "log.txt").unlink(missing_ok=True)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return _job_process(job, _job_argv(argv, subject, arm, seed), env)[1]
+
+
+def ray_job(payload: dict) -> dict:
+    """One job as a Ray task (``opad.reproduce --ray``): the job's own process, as without Ray. A process
+    killed by a signal (its worker lost or preempted) raises JobLost, so Ray retries it, and the retry's
+    training resumes from the job's checkpoints; any other failure is recorded, not retried."""
+    from opad.jobs.runner import JobLost
+
+    job = Path(payload["job_dir"])
+    if not job.is_dir():
+        return {"error": f"error: the worker on {socket.gethostname()} cannot see {job}: --out must be on storage "
+                         "every worker sees (a shared path, the same on every node)"}
+    code, error = _job_process(job, payload["argv"], {**os.environ, **payload["env"]})
+    if code < 0:
+        raise JobLost(f"the job's process was killed by signal {-code} on {socket.gethostname()}")
+    return {"error": error}
+
+
+def _without_ray(argv: list[str]) -> list[str]:
+    """The harness's arguments less --ray: a job's own process runs one job, not a cluster."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--ray":
+            skip = True
+        elif not token.startswith("--ray="):
+            kept.append(token)
+    return kept
+
+
+def _on_ray(args: argparse.Namespace, argv: list[str], todo: list[tuple[str, str, int]]) -> None:
+    """Every job a task on the Ray cluster at ``args.ray`` (the runner of ``opad jobs --ray``)."""
+    from opad.jobs.runner import RayRunner, forwarded_env
+
+    runner = RayRunner(args.ray, retries=args.retries, cpus=1.0, work=ray_job)
+    print(f"running {len(todo)} jobs {runner.describe()}", file=sys.stderr)
+    argv = _without_ray(argv)
+    payloads = []
+    for index, job in enumerate(todo, start=1):
+        payloads.append({"index": index, "job": job, "job_dir": str(_fresh_job(Path(args.out), *job)),
+                         "argv": _job_argv(argv, *job), "env": forwarded_env()})
+        (Path(payloads[-1]["job_dir"]) / "log.txt").unlink(missing_ok=True)
+
+    def finished(payload: dict, result: dict) -> None:
+        subject, arm, seed = payload["job"]
+        error = result.get("error")
+        print(f"[{payload['index']}/{len(todo)}] {subject} / {arm} / seed {seed}: "
+              + ("done" if error is None else f"FAILED: {error}"), file=sys.stderr)
+
+    runner.run(payloads, poll=lambda: None, finished=finished)
 
 
 def _in_process(args: argparse.Namespace, subject: str, arm: str, seed: int) -> str | None:
@@ -199,7 +258,9 @@ def run_harness(args: argparse.Namespace, argv: list[str]) -> Path:
         finally:
             free.append(gpu)
 
-    if args.in_process:  # on this (the main) thread: torch's thread pool and Ctrl-C stay where they belong
+    if args.ray:
+        _on_ray(args, argv, todo)
+    elif args.in_process:  # on this (the main) thread: torch's thread pool and Ctrl-C stay where they belong
         for index, job in enumerate(todo, start=1):
             one(job, index)
     else:

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture for CLIP-I / CLIP-T")
     p.add_argument("--train-arg", action="append", default=[], help="an extra trainer flag, e.g. --train-arg=--batch-size=4")
     p.add_argument("--gpus", type=int, default=None, help="parallel jobs, one per GPU (default: the visible GPUs)")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run each job as a task on the Ray cluster at ADDRESS ('auto': the one 'ray start' started "
+                   "here), with opad jobs' runner: a job whose worker dies is retried and its training resumes; --out "
+                   "must be on storage every worker sees (docs/cluster.md)")
+    p.add_argument("--retries", type=int, default=2, help="with --ray: times a job whose worker died is retried")
     p.add_argument("--in-process", action="store_true",
                    help="run the jobs one after another in this process (no isolation; saves each job's start-up)")
     p.add_argument("--job", nargs=3, metavar=("SUBJECT", "ARM", "SEED"), help=argparse.SUPPRESS)  # one job, internal
@@ -156,6 +161,10 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise OpadError("give --dino-weights and --clip-weights (FILE, hub, world, or tiny for test models)")
     if any(a.split("=")[0] == "--seed" for a in args.train_arg):
         raise OpadError("give training seeds with --train-seeds, not --train-arg=--seed")
+    if getattr(args, "ray", None) and args.in_process:
+        raise OpadError("--ray runs each job as a task on the cluster; it cannot be combined with --in-process")
+    if getattr(args, "retries", 0) < 0:
+        raise OpadError(f"--retries must be at least 0, got {args.retries}")
     return Plan(root, bench, subjects, arms, _train_seeds(args.train_seeds or "0"), _steps(args.steps))
 
 
