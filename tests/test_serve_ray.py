@@ -150,9 +150,10 @@ def test_a_replica_killed_mid_traffic_leaves_only_200_and_503_and_is_replaced(se
     def traffic(worker: int) -> None:
         i = 0
         while not stop.is_set():
+            sent = time.time()
             status, head, body = server.request("POST", "/v1/images/generations",
                                                 {"model": "a", "prompt": PROMPT, "seed": worker * 1000 + i})
-            statuses.append((status, time.time(), body if status != 200 else head))
+            statuses.append((status, sent, body if status != 200 else head))
             i += 1
 
     workers = [threading.Thread(target=traffic, args=(w,), daemon=True) for w in range(4)]
@@ -164,18 +165,22 @@ def test_a_replica_killed_mid_traffic_leaves_only_200_and_503_and_is_replaced(se
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if a["name"].startswith("SERVE_REPLICA::opad#Replica")]
         assert len(replicas) == 2, replicas
+        killed = replicas[0]["name"].rsplit("#", 1)[-1]  # the replica id its answers carry
+        survivor = replicas[1]["name"].rsplit("#", 1)[-1]
         killed_at = time.time()
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
         deadline = time.time() + 60
         back = False
-        while time.time() < deadline:
-            names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-            if replicas[0]["name"] not in names and _replicas_running()[1] == 2:
-                back = True
-                break
+        while time.time() < deadline and not back:  # a new replica, running and serving beside the survivor
             time.sleep(0.5)
-        served_after = len(statuses)
-        while len(statuses) < served_after + 8:  # traffic goes on once the deployment is whole again
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("SERVE_REPLICA::opad#Replica")]
+            new = set(_replica_counts(server)) - {killed, survivor}
+            back = len(names) == 2 and replicas[0]["name"] not in names and bool(new) \
+                and _replicas_running()[1] == 2
+        recovered_at = time.time()
+        later = len(statuses)
+        while len(statuses) < later + 8:  # traffic goes on with the deployment whole again
             time.sleep(0.05)
     finally:
         stop.set()
@@ -186,8 +191,9 @@ def test_a_replica_killed_mid_traffic_leaves_only_200_and_503_and_is_replaced(se
     unavailable = [b for s, _, b in statuses if s == 503]
     assert all(b["error"]["code"] in ("replica_unavailable", "queue_full") for b in unavailable), unavailable
     assert any(s == 200 and t > killed_at for s, t, _ in statuses)
+    assert all(s == 200 for s, t, _ in statuses if t > recovered_at)  # whole again: no more 503s
     _, _, text = server.request("GET", "/metrics")
-    counted = re.findall(r'^opad_errors_total\{status="503",code="replica_unavailable"\} (\S+)$', text, re.MULTILINE)
+    counted = re.findall(r'^opad_errors_total\{code="replica_unavailable",status="503"\} (\S+)$', text, re.MULTILINE)
     assert float(counted[0] if counted else 0) == sum(
         b["error"]["code"] == "replica_unavailable" for b in unavailable)
     assert _replicas_running()[1] == 2
