@@ -208,7 +208,7 @@ class RayBackend:
         response = getattr(self.handle, method).remote(*args)
         try:
             return await asyncio.wait_for(_await(response), self.settings.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             response.cancel()
             raise timed_out(self.settings) from None
         except BackPressureError:
