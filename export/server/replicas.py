@@ -15,6 +15,7 @@ replicas alive. Ray is imported only here, and this module only with ``--ray``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -152,7 +153,8 @@ def start_replicas(address: str, make_runner, concepts: str | None, settings: Se
     deployment = serve.deployment(Replica, name="Replica").options(**options)
     log.info("starting the replicas on Ray (%s) ...", ", ".join(f"{k}={v}" for k, v in options.items()
                                                                     if k != "ray_actor_options"))
-    handle = serve.run(deployment.bind(make_runner, concepts, settings), name=APP, route_prefix=None)
+    replica_settings = dataclasses.replace(settings, api_key=None)  # the key stays with the front
+    handle = serve.run(deployment.bind(make_runner, concepts, replica_settings), name=APP, route_prefix=None)
     info = handle.describe.remote().result()
     return RayBackend(handle, info, settings)
 
