@@ -63,7 +63,7 @@ def _extension_build() -> dict:
 
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"]
-RAY = ["ray>=2.40"]  # python -m opad.jobs --ray (Ray Core tasks); tested with 2.60.0
+RAY = ["ray[serve]>=2.40"]  # opad jobs --ray (Ray Core tasks), opad serve --ray (Ray Serve); tested with 2.60.0
 
 setup(
     name="opad",
@@ -110,7 +110,7 @@ setup(
         "export": ["onnx", "onnxruntime", "onnxscript"],  # onnxscript: the dynamo exporter's
         "serve": ["onnx", "onnxruntime", *SERVE],
         "trt": ["tensorrt"],
-        "ray": RAY,  # opad jobs --ray: the jobs as tasks on a Ray cluster
+        "ray": RAY,  # opad jobs --ray (the jobs as Ray tasks), opad serve --ray (replicas on Ray Serve)
         "docs": ["mkdocs-material>=9"],  # the docs/ site; tests/test_docs.py builds it with --strict
     },
     entry_points={"console_scripts": ["opad=opad.cli:main"]},

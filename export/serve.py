@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-up-budget-s", type=float, default=300.0,
                    help="ready after this long even if compiled variants are left (they compile in the background; "
                    "/ready lists them)")
+    ray = p.add_argument_group("replicas on Ray Serve (docs/cluster.md)")
+    ray.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                     help="run the model as Ray Serve replicas on the Ray cluster at ADDRESS (auto: the local one), "
+                     "behind this same API; a replica that dies is replaced and its requests answer 503")
+    ray.add_argument("--replicas", type=int, default=None, help="how many replicas (with --ray; default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None,
+                     help="autoscale between --min-replicas and --max-replicas on the requests per replica (with --ray)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="see --min-replicas")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 

@@ -35,7 +35,7 @@ from opad.export.runtime import Runner
 from opad.export.server.batcher import Batcher, ModelThread, QueueFull
 from opad.export.server.concept_store import BASE, ConceptStore, is_plain_name
 from opad.export.server.metrics import Metrics
-from opad.export.server.request import ApiError, parse_generation, parse_json
+from opad.export.server.request import ApiError, GenerationRequest, parse_generation, parse_json
 from opad.export.server.site import HEADERS, page_files, route_label
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -104,29 +104,43 @@ def build_app(make_runner, concepts: str | None, settings: Settings) -> Served:
     return Served(create_app(runner, store, settings, model), runner, store, model)
 
 
-def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread) -> FastAPI:
-    """The app over a runner and its concept store, both built on ``model`` (and only used there)."""
-    metrics = Metrics(settings.max_batch)
-    # compiling: the warm-up variants still to run; failed: those that raised; error: why warm-up stopped
-    state: dict = {"ready": False, "compiling": [], "failed": [], "error": None}
-    size = f"{runner.resolution}x{runner.resolution}"
-    batcher: Batcher | None = None
-    page = page_files()
-    public = {"/health", *page}  # answered without the key: the probe, and the page with its assets
+@dataclass
+class Generated:
+    """A generation request's answer from a backend: PNGs (base64), the prompt drawn if it was cut,
+    seconds per stage, and the replica that made them (None in one process)."""
+    images_b64: list[str]
+    revised: str | None
+    stages: dict[str, float]
+    replica: str | None = None
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        nonlocal batcher
-        batcher = Batcher(runner, model, metrics, max_batch=settings.max_batch,
-                          window_s=settings.batch_window_ms / 1000, queue=settings.queue)
-        batcher.start()
-        warm = asyncio.get_running_loop().create_task(_warm_up())
-        yield
-        warm.cancel()
-        await batcher.stop()
-        model.close()
 
-    async def _warm_up() -> None:
+class LocalBackend:
+    """Today's server: the runner, its concept store and the dynamic batcher in this process, every
+    model call on ``model`` (the thread they were built on); warm-up in the background."""
+
+    def __init__(self, runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread,
+                 metrics: Metrics) -> None:
+        self.runner, self.store, self.settings, self.model, self.metrics = runner, store, settings, model, metrics
+        self.resolution, self.steps = runner.resolution, runner.steps
+        # compiling: the warm-up variants still to run; failed: those that raised; error: why warm-up stopped
+        self.state: dict = {"ready": False, "compiling": [], "failed": [], "error": None}
+        self.batcher: Batcher | None = None
+        self.warm: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.batcher = Batcher(self.runner, self.model, self.metrics, max_batch=settings.max_batch,
+                               window_s=settings.batch_window_ms / 1000, queue=settings.queue)
+        self.batcher.start()
+        self.warm = asyncio.get_running_loop().create_task(self._warm_up())
+
+    async def stop(self) -> None:
+        self.warm.cancel()
+        await self.batcher.stop()
+        self.model.close()
+
+    async def _warm_up(self) -> None:
+        state, settings, runner, model = self.state, self.settings, self.runner, self.model
         start = time.perf_counter()
         plan = runner.warm_up_plan(settings.max_batch)
         state["compiling"] = [{"steps": steps, "batch": size} for steps, size in plan]
@@ -146,7 +160,7 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
         timer = asyncio.get_running_loop().call_later(settings.warm_up_budget_s, budget_spent)
         try:
             for steps, size in plan:
-                while state["ready"] and batcher.busy():  # in the background: the requests first
+                while state["ready"] and self.batcher.busy():  # in the background: the requests first
                     await asyncio.sleep(0.05)
                 try:
                     await model.call(runner.run_batch, [(None, "warm-up", i) for i in range(size)], steps)
@@ -163,6 +177,91 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
             ready("warm-up done")
         finally:
             timer.cancel()
+
+    async def readiness(self) -> tuple[int, dict]:
+        state = self.state
+        compiling = list(state["compiling"])
+        if state["error"]:
+            return 503, {"status": "warm-up failed", "error": state["error"]}
+        if not state["ready"]:
+            return 503, {"status": "warming up", "compiling": compiling}
+        failed = {"failed": list(state["failed"])} if state["failed"] else {}
+        return 200, {"status": "ready", "backend": self.runner.backend, "models": len(self.store.served) + 1,
+                     "compiling": compiling, **failed}
+
+    async def models(self) -> list[str]:
+        return await self.model.call(self.store.scan)  # a concept added to the folder appears here
+
+    async def _concept(self, model_id: str) -> str | None:
+        if model_id == BASE:
+            return None
+        if not is_plain_name(model_id):  # refused before the file system is touched
+            raise model_not_found(model_id)
+        if model_id not in self.store.served and not await self.model.call(self.store.refresh, model_id):
+            raise model_not_found(model_id)
+        return model_id
+
+    async def generate(self, asked: GenerationRequest) -> Generated:
+        settings = self.settings
+        if not self.state["ready"]:
+            raise ApiError(503, "the server is still warming up", type_="server_error", code="not_ready",
+                           headers={"Retry-After": str(settings.retry_after_s)})
+        concept = await self._concept(asked.model)
+        revised = self.runner.fit_prompt(concept, asked.prompt)
+        batcher = self.batcher
+        try:
+            job = batcher.submit(concept, asked.prompt, asked.seed, asked.n, asked.steps)
+        except QueueFull:
+            raise queue_full(settings) from None
+        try:
+            images = await asyncio.wait_for(asyncio.shield(job.future), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise timed_out(settings) from None
+        except OpadError as e:
+            raise ApiError(422, str(e), code="invalid_value") from None
+        finally:
+            batcher.cancel(job)  # whatever has not started yet is not wanted any more
+        encode_start = time.perf_counter()
+        encoded = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
+        stages = {"queue": job.started - job.enqueued, **job.timings, "encode": time.perf_counter() - encode_start}
+        return Generated(encoded, revised, stages)
+
+
+def model_not_found(model_id: str) -> ApiError:
+    return ApiError(404, f"model {model_id!r} not found; GET /v1/models lists the concepts", param="model",
+                    code="model_not_found")
+
+
+def queue_full(settings: Settings) -> ApiError:
+    return ApiError(503, f"the queue is full ({settings.queue} requests wait); retry shortly",
+                    type_="server_error", code="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
+
+
+def timed_out(settings: Settings) -> ApiError:
+    return ApiError(504, f"the images were not ready within {settings.timeout_s:g} s", type_="server_error",
+                    code="timeout")
+
+
+def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: ModelThread) -> FastAPI:
+    """The app over a runner and its concept store, both built on ``model`` (and only used there)."""
+    metrics = Metrics(settings.max_batch)
+    return app_over(LocalBackend(runner, store, settings, model, metrics), settings, metrics)
+
+
+def app_over(backend, settings: Settings, metrics: Metrics) -> FastAPI:
+    """Every route, key check, limit, error shape and metric, over a backend that generates: a
+    :class:`LocalBackend`, or the Ray Serve replicas of :mod:`.replicas`. A backend has
+    ``resolution``, ``steps`` and async ``start()``, ``stop()``, ``readiness() -> (status, body)``,
+    ``models() -> ids`` and ``generate(GenerationRequest) -> Generated`` (raising :class:`ApiError`)."""
+    size = f"{backend.resolution}x{backend.resolution}"
+    page = page_files()
+    public = {"/health", *page}  # answered without the key: the probe, and the page with its assets
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        yield
+        await backend.stop()
 
     app = FastAPI(title="opad", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -220,14 +319,8 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
 
     @app.get("/ready")
     async def ready():
-        compiling = list(state["compiling"])
-        if state["error"]:
-            return JSONResponse({"status": "warm-up failed", "error": state["error"]}, status_code=503)
-        if not state["ready"]:
-            return JSONResponse({"status": "warming up", "compiling": compiling}, status_code=503)
-        failed = {"failed": list(state["failed"])} if state["failed"] else {}
-        return {"status": "ready", "backend": runner.backend, "models": len(store.served) + 1,
-                "compiling": compiling, **failed}
+        status, body = await backend.readiness()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def prometheus():
@@ -235,61 +328,32 @@ def create_app(runner: Runner, store: ConceptStore, settings: Settings, model: M
 
     @app.get("/v1/models")
     async def models():
-        names = await model.call(store.scan)  # a concept added to the folder appears here
+        names = await backend.models()  # a concept added to the folder appears here
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "opad"}
                                            for name in names]}
-
-    async def _concept(model_id: str) -> str | None:
-        if model_id == BASE:
-            return None
-        missing = ApiError(404, f"model {model_id!r} not found; GET /v1/models lists the concepts", param="model",
-                           code="model_not_found")
-        if not is_plain_name(model_id):  # refused before the file system is touched
-            raise missing
-        if model_id not in store.served and not await model.call(store.refresh, model_id):
-            raise missing
-        return model_id
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         arrived = time.perf_counter()
         try:
             body = parse_json(await _read_body(request, settings.max_body_bytes))
-            asked = parse_generation(body, size=size, steps=runner.steps)
-            if not state["ready"]:
-                raise ApiError(503, "the server is still warming up", type_="server_error", code="not_ready",
-                               headers={"Retry-After": str(settings.retry_after_s)})
-            concept = await _concept(asked.model)
-            revised = runner.fit_prompt(concept, asked.prompt)
-            try:
-                job = batcher.submit(concept, asked.prompt, asked.seed, asked.n, asked.steps)
-            except QueueFull:
-                raise ApiError(503, f"the queue is full ({settings.queue} requests wait); retry shortly",
-                               type_="server_error", code="queue_full",
-                               headers={"Retry-After": str(settings.retry_after_s)}) from None
-            try:
-                images = await asyncio.wait_for(asyncio.shield(job.future), settings.timeout_s)
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"the images were not ready within {settings.timeout_s:g} s",
-                               type_="server_error", code="timeout") from None
-            except OpadError as e:
-                raise ApiError(422, str(e), code="invalid_value") from None
-            finally:
-                batcher.cancel(job)  # whatever has not started yet is not wanted any more
+            asked = parse_generation(body, size=size, steps=backend.steps)
+            made = await backend.generate(asked)
         except ApiError as e:
             return _error(e, metrics)
         except ClientDisconnect:  # the client's doing, not the server's: one line, counted as nginx's 499
             log.info("client disconnected while sending its request to %s", request.url.path)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        encode_start = time.perf_counter()
-        encoded = await asyncio.to_thread(lambda: [_png_b64(image) for image in images])
         finished = time.perf_counter()
-        stages = {"queue": job.started - job.enqueued, **job.timings, "encode": finished - encode_start}
-        for stage, seconds in stages.items():
+        for stage, seconds in made.stages.items():
             metrics.stage_seconds.labels(stage).observe(seconds)
         metrics.request_seconds.observe(finished - arrived)
-        data = [{"b64_json": b64, **({"revised_prompt": revised} if revised else {})} for b64 in encoded]
-        headers = {"Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in stages.items()),
+        if made.replica is not None:  # made elsewhere (a Ray Serve replica): counted here, and by replica
+            metrics.images.inc(len(made.images_b64))
+            metrics.replica_images.labels(made.replica).inc(len(made.images_b64))
+        revised = made.revised
+        data = [{"b64_json": b64, **({"revised_prompt": revised} if revised else {})} for b64 in made.images_b64]
+        headers = {"Server-Timing": ", ".join(f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in made.stages.items()),
                    "X-Opad-Seed": str(asked.seed)}
         return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
 

@@ -51,6 +51,7 @@ def check_args(args: argparse.Namespace) -> str | None:
             raise OpadError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}")
     if not 0 <= args.port <= 65535:
         raise OpadError(f"--port must be 0..65535, got {args.port}")
+    _check_ray_args(args)
     key = _api_key(args)
     if key is None and not _is_loopback(args.host) and not args.insecure:
         raise OpadError(f"refusing to listen on {args.host} without an API key: give --api-key-file (or --api-key), "
@@ -61,6 +62,26 @@ def check_args(args: argparse.Namespace) -> str | None:
         if getattr(args, flag) and not Path(getattr(args, flag)).is_dir():
             raise OpadError(f"--{flag} folder not found: {getattr(args, flag)}")
     return key
+
+
+def _check_ray_args(args: argparse.Namespace) -> None:
+    replicas, low, high = (getattr(args, name, None) for name in ("replicas", "min_replicas", "max_replicas"))
+    if getattr(args, "ray", None) is None:
+        given = [flag for flag, value in (("--replicas", replicas), ("--min-replicas", low), ("--max-replicas", high))
+                 if value is not None]
+        if given:
+            raise OpadError(f"{given[0]} needs --ray (replicas run on a Ray cluster; see docs/cluster.md)")
+        return
+    if replicas is not None and (low is not None or high is not None):
+        raise OpadError("give either --replicas (a fixed number) or --min-replicas and --max-replicas (autoscaling), "
+                        "not both")
+    if (low is None) != (high is None):
+        raise OpadError("autoscaling needs both --min-replicas and --max-replicas")
+    for flag, value in (("--replicas", replicas), ("--min-replicas", low), ("--max-replicas", high)):
+        if value is not None and value < 1:
+            raise OpadError(f"{flag} must be at least 1, got {value}")
+    if low is not None and high < low:
+        raise OpadError(f"--max-replicas ({high}) is below --min-replicas ({low})")
 
 
 def choose_backend(args: argparse.Namespace) -> str:
@@ -126,6 +147,26 @@ class ThreadedServer:
         self.thread.join(10)
 
 
+def _ray_app(args: argparse.Namespace, backend: str, settings):
+    """The same app over Ray Serve replicas (:mod:`.replicas`), each building its runner as here."""
+    from functools import partial
+
+    from opad.export.server.app import app_over
+    from opad.export.server.metrics import Metrics
+    from opad.export.server.replicas import start_replicas
+
+    args = argparse.Namespace(**vars(args))  # the replicas run elsewhere: local folders by absolute path
+    for name in ("student", "onnx", "engines", "concepts"):
+        if getattr(args, name) and Path(getattr(args, name)).exists():
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    ray_backend = start_replicas(args.ray, partial(build_runner, args, backend), args.concepts, settings,
+                                 replicas=args.replicas, min_replicas=args.min_replicas,
+                                 max_replicas=args.max_replicas, gpu_wanted=args.device != "cpu")
+    log.info("backend %s on Ray Serve replicas, %d px, steps %s; models: %s", backend, ray_backend.resolution,
+             ",".join(map(str, ray_backend.steps)), ", ".join(ray_backend.known_models))
+    return app_over(ray_backend, settings, Metrics(settings.max_batch))
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
     from opad.export.server.app import Settings, build_app
@@ -136,11 +177,14 @@ def serve(args: argparse.Namespace) -> None:
     settings = Settings(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, queue=args.queue,
                         timeout_s=args.timeout_s, max_body_bytes=args.max_body_kb * 1024, api_key=key,
                         warm_up_budget_s=args.warm_up_budget_s)
-    served = build_app(lambda: build_runner(args, backend), args.concepts, settings)
-    runner = served.runner
-    log.info("backend %s, %d px, steps %s; models: %s", backend, runner.resolution,
-             ",".join(map(str, runner.steps)), ", ".join(served.store.names()))
-    app = served.app
+    if args.ray is not None:
+        app = _ray_app(args, backend, settings)
+    else:
+        served = build_app(lambda: build_runner(args, backend), args.concepts, settings)
+        runner = served.runner
+        log.info("backend %s, %d px, steps %s; models: %s", backend, runner.resolution,
+                 ",".join(map(str, runner.steps)), ", ".join(served.store.names()))
+        app = served.app
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d%s", host, port, " (API key required)" if key else "")
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",

@@ -24,6 +24,9 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("opad_request_seconds", "seconds per generation request, end to end",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        # opad serve --ray: the images each Ray Serve replica made (the replica id each answer carries)
+        self.replica_images = Counter("opad_replica_images", "images generated, by Ray Serve replica", ["replica"],
+                                      registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
