@@ -194,7 +194,8 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_during_checkpoint_write_resumes_from_previous(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--max-steps", "6", "--checkpoint-every", "2", "--preview-every", "10",
-            "--preview-teacher-steps", "2", "--swd-projections", "16", "--collab-start", "none"]
+            "--preview-teacher-steps", "2", "--swd-projections", "16", "--collab-start", "none",
+            "--discriminators", "clip"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *args], capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
@@ -242,7 +243,8 @@ def test_persistent_nan_stops_with_a_clear_message(tiny_dir, tmp_path, monkeypat
 def test_interrupt_writes_a_checkpoint_and_resume_finishes(tiny_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--max-steps", "40", "--checkpoint-every", "100", "--preview-every", "100",
-            "--swd-projections", "16", "--collab-start", "none", "--discriminators", "clip"]
+            "--preview-teacher-steps", "2", "--swd-projections", "16", "--collab-start", "none",
+            "--discriminators", "clip"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "opad.train", *args], stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     seen = ""
