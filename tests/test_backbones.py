@@ -291,9 +291,14 @@ def test_default_dinov2_large_from_a_local_file(tmp_path):
 
     path = tmp_path / "dinov2_l14.safetensors"
     model = timm.create_model("vit_large_patch14_dinov2.lvd142m", pretrained=False, num_classes=0)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, path)
     del model
     backbone = build_backbone("dino_v2", str(path))
     assert backbone.input_size == 518 and backbone.feature_dim == 1024
-    with torch.no_grad():
-        assert backbone(_images(1, 3, 512, 512)).shape == (1, 1024)
+    # the file's weights, not a fresh init (running ViT-L/14 at 518 px cost half a minute here; the forward
+    # path is the one the smaller dino_v2 models' tests run)
+    loaded = dict(backbone.named_parameters())
+    for key in ("cls_token", "blocks.23.mlp.fc2.weight", "norm.weight"):
+        match = [v for k, v in loaded.items() if k.endswith(key)]
+        assert len(match) == 1 and torch.equal(match[0].detach().float(), state[key].float()), key

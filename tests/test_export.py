@@ -159,15 +159,16 @@ def test_dynamo_exporter_with_a_batch_range_and_external_data(tiny_dir, tmp_path
     from opad.export.exporter import export as onnx_export
 
     monkeypatch.setattr(onnx_export, "LARGE", 0)  # as if past 2 GB: the weights go to NAME.onnx.data
-    out = export(tmp_path / "dyn", tiny_dir / "student", exporter="dynamo", steps=1, no_single=True,
-                  batch_range="1:3")
+    student = micro_student(tiny_dir, tmp_path / "student")  # torch.export's cost is per module
+    out = export(tmp_path / "dyn", student, exporter="dynamo", steps=1, no_single=True, batch_range="1:3")
     assert (out / "denoise_decode_1step.onnx.data").is_file() and (out / "conditioning.onnx.data").is_file()
     sidecar = json.loads((out / "export.json").read_text())
     assert sidecar["exporter"] == "dynamo" and sidecar["batch"] == [1, 3]
     runner = Runner("onnxruntime", onnx={None: str(out)})
     got = runner.generate("a photo of a dog", None, seed=3, batch=3)  # one call at the batch range's top
-    want = Runner("eager", student=str(tiny_dir / "student")).generate("a photo of a dog", None, seed=3, batch=3)
-    assert got.shape == (3, 64, 64, 3) and np.abs(got.astype(int) - want).max() <= 1
+    want = Runner("eager", student=str(student)).generate("a photo of a dog", None, seed=3, batch=3)
+    assert got.shape == want.shape and got.shape[0] == 3 and np.abs(got.astype(int) - want).max() <= 1
+    assert want.std() > 5  # a real image, not a constant
 
 
 def test_a_concept_for_another_student_is_refused_naming_the_layer(tiny_dir, tmp_path, world, capsys):
