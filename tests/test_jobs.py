@@ -162,6 +162,7 @@ def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_result(cluste
     path = _yaml(tmp_path / "jobs.yaml", [
         {"name": "killed", "output_dir": "out/killed", **TINY, "max_steps": 24},
         {"name": "straight", "output_dir": "out/straight", **TINY, "max_steps": 24},
+        {"name": "short", "output_dir": "out/short", **TINY, "max_steps": 4, "method": "custom-diffusion"},
         {"name": "bad", "output_dir": "out/bad", **TINY, "max_steps": 24, "instance_dir": "missing", "class": "dog"},
     ])
     killed: dict = {}
@@ -174,7 +175,8 @@ def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_result(cluste
     assert code == 1, err[-3000:]  # the bad job failed
     summary = json.loads(out.splitlines()[-1])
     rows = {r["name"]: r for r in summary["jobs"]}
-    assert (summary["summary"]["done"], summary["summary"]["failed"], summary["summary"]["retried"]) == (2, 1, 1)
+    assert (summary["summary"]["done"], summary["summary"]["failed"], summary["summary"]["retried"]) == (3, 1, 1)
+    assert rows["short"]["state"] == "done" and (tmp_path / "out" / "short" / "concept").is_dir()
 
     # the killed job: a second attempt that resumed from a checkpoint, its first trainer gone with its worker
     attempts = state.attempts(tmp_path / "out" / "killed")
@@ -198,7 +200,7 @@ def test_killed_worker_is_retried_and_resumes_to_the_uninterrupted_result(cluste
     code = main([path, "--ray", "auto", "--json", "--retries", "2"])
     out, err = capsys.readouterr()
     again = json.loads(out.splitlines()[-1])["summary"]
-    assert (again["skipped"], again["done"], again["failed"]) == (2, 0, 1), err[-2000:]
+    assert (again["skipped"], again["done"], again["failed"]) == (3, 0, 1), err[-2000:]
     assert len(state.attempts(tmp_path / "out" / "killed")) == 2 and len(state.attempts(tmp_path / "out" / "bad")) == 2
 
 
