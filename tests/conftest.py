@@ -58,3 +58,15 @@ def dreambench_dir() -> Path:
     if not (DREAMBENCH / "prompts_and_classes.txt").is_file():
         pytest.skip(f"DreamBench data not found at {DREAMBENCH} (it lives in ../shared beside the repo)")
     return DREAMBENCH
+
+
+# pytest-xdist (--dist loadfile) hands the files out in collection order; the heaviest go first, so
+# that none of them starts last and leaves the other worker idle at the end (measured 2026-12-07)
+HEAVY_FIRST = ("test_train.py", "test_export.py", "test_serve_ray.py", "test_jobs.py", "test_kernels.py",
+               "test_compiled.py", "test_feature_pass.py", "test_world_learning.py", "test_presets.py",
+               "test_serve.py", "test_kernels_aot.py", "test_convert.py", "test_gpu_suite.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
