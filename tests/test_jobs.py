@@ -94,6 +94,25 @@ def test_ray_flag_without_ray_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 2 and err[-1].startswith("error: --ray needs Ray, which is not installed"), err
 
 
+def test_locally_a_killed_trainer_is_retried_and_resumes(tiny_dir, tmp_path, capsys):
+    """Without Ray: the trainer of a job is SIGKILLed after a checkpoint; the local runner retries the job,
+    which resumes from that checkpoint and finishes."""
+    path = _yaml(tmp_path / "jobs.yaml", [{"name": "killed", "output_dir": "out/killed", **TINY, "max_steps": 16}])
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_worker_after_a_checkpoint,
+                              args=(tmp_path / "out" / "killed", killed, "trainer_pid"))
+    killer.start()
+    code = main([path, "--json", "--retries", "1"])
+    killer.join()
+    out, err = capsys.readouterr()
+    assert killed and code == 0, err[-3000:]
+    attempts = state.attempts(tmp_path / "out" / "killed")
+    assert [a["attempt"] for a in attempts] == [1, 2] and attempts[1]["resume_step"] >= killed["step"] > 0
+    assert json.loads(out.splitlines()[-1])["summary"]["retried"] == 1
+    assert "killed: retried (attempt 2, resuming from step" in err
+    assert json.loads((tmp_path / "out" / "killed" / state.DONE).read_text())["attempts"] == 2
+
+
 # ---------------------------------------------------------------------------------------- a real Ray cluster
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
@@ -109,8 +128,9 @@ def cluster(tiny_dir):
         os.environ["PYTHONPATH"] = old
 
 
-def _kill_worker_after_a_checkpoint(out, killed: dict) -> None:
-    """SIGKILL job ``out``'s Ray worker once its trainer wrote a checkpoint after step 0."""
+def _kill_worker_after_a_checkpoint(out, killed: dict, key: str = "pid") -> None:
+    """SIGKILL job ``out``'s Ray worker (``key`` "pid"; "trainer_pid": its trainer) once the trainer wrote a
+    checkpoint after step 0."""
     from opad.train.checkpoint import latest_checkpoint
 
     deadline = time.time() + 120
@@ -119,7 +139,7 @@ def _kill_worker_after_a_checkpoint(out, killed: dict) -> None:
         records = state.attempts(out)
         if found and found[0] >= 2 and records:
             killed.update(records[0], step=found[0])
-            os.kill(records[0]["pid"], signal.SIGKILL)
+            os.kill(records[0][key], signal.SIGKILL)
             return
         time.sleep(0.05)
 
