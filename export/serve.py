@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--min-replicas", type=int, default=None,
                      help="autoscale between --min-replicas and --max-replicas on the requests per replica (with --ray)")
     ray.add_argument("--max-replicas", type=int, default=None, help="see --min-replicas")
+    ray.add_argument("--upscale-delay-s", type=float, default=30.0,
+                     help="with autoscaling: how long the load must stay above one full batch per replica before "
+                     "a replica is added (Ray Serve's upscale_delay_s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 

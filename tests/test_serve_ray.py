@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
     (["--ray", "--min-replicas", "1"], "autoscaling needs both --min-replicas and --max-replicas"),
     (["--ray", "--replicas", "0"], "--replicas must be at least 1, got 0"),
     (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas (2) is below --min-replicas (3)"),
+    (["--ray", "--min-replicas", "1", "--max-replicas", "2", "--upscale-delay-s", "-1"],
+     "--upscale-delay-s must be 0 or more, got -1"),
 ])
 def test_bad_replica_options_fail_in_one_line(argv, message, capsys):
     assert serve.main(argv + ["--port", "0"]) == 2
@@ -75,35 +77,83 @@ def world(tiny_dir, tmp_path_factory):
     return {"root": root, "concepts": root / "concepts", "student": tiny_dir / "student"}
 
 
-@pytest.fixture(scope="module")
-def server(cluster, world):
-    """``opad serve --ray ADDRESS --replicas 2`` in a process of its own, joining the module's cluster."""
-    process = subprocess.Popen([sys.executable, "-m", "opad.cli", "serve", "--ray", cluster, "--replicas", "2",
+def _start(cluster, world, *flags):
+    """``opad serve --ray ADDRESS FLAGS`` in a process of its own, joining the module's cluster, once ready."""
+    process = subprocess.Popen([sys.executable, "-m", "opad.cli", "serve", "--ray", cluster, *flags,
                                 "--port", "0", "--backend", "eager", "--student", str(world["student"]),
                                 "--concepts", str(world["concepts"]), "--api-key-file", str(world["root"] / "key"),
                                 "--batch-window-ms", "20", "--timeout-s", "30"],
                                cwd=REPO, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
+    port = None
+    for line in process.stderr:
+        lines.append(line)
+        if found := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
+            port = int(found.group(1))
+            break
+    client = LiveServer.__new__(LiveServer)
+    client.process, client.lines, client.port = process, lines, port
+    if not port:
+        _stop(client)
+        raise AssertionError("the server never said where it listens:\n" + "".join(lines[-30:]))
+    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # keep the pipe drained
+    deadline = time.time() + 60
+    while client.request("GET", "/ready")[0] != 200:
+        if time.time() > deadline or process.poll() is not None:
+            _stop(client)
+            raise AssertionError("".join(lines[-30:]))
+        time.sleep(0.1)
+    return client
+
+
+def _stop(client) -> None:
+    client.process.send_signal(signal.SIGINT)  # Ctrl-C: the replicas are deleted with the server
+    assert client.process.wait(60) == 0, "".join(client.lines[-30:])
+
+
+def test_autoscaling_adds_a_replica_under_load(cluster, world):
+    """--min-replicas 1 --max-replicas 2: one replica idle; under load above one batch per replica Ray Serve
+    adds the second, which serves, and every answer is a 200. (Runs before the module's fixed-replica server:
+    one opad app per cluster.)"""
+    client = _start(cluster, world, "--min-replicas", "1", "--max-replicas", "2", "--max-batch", "1",
+                    "--upscale-delay-s", "1")
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic(worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            statuses.append(client.request("POST", "/v1/images/generations",
+                                           {"model": "a", "prompt": PROMPT, "seed": worker * 1000 + i})[0])
+            i += 1
+
     try:
-        port = None
-        for line in process.stderr:
-            lines.append(line)
-            if found := re.search(r"listening on http://127\.0\.0\.1:(\d+)", line):
-                port = int(found.group(1))
-                break
-        assert port, "the server never said where it listens:\n" + "".join(lines[-30:])
-        threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # keep the pipe drained
-        client = LiveServer.__new__(LiveServer)
-        client.port = port
-        deadline = time.time() + 60
-        while client.request("GET", "/ready")[0] != 200:
-            assert time.time() < deadline and process.poll() is None, "".join(lines[-30:])
-            time.sleep(0.1)
-        client.process, client.lines = process, lines
+        assert client.request("GET", "/ready")[2]["replicas"]["running"] == 1
+        workers = [threading.Thread(target=traffic, args=(w,), daemon=True) for w in range(4)]
+        for w in workers:
+            w.start()
+        deadline, scaled = time.time() + 150, False
+        while time.time() < deadline and not scaled:
+            time.sleep(0.5)
+            scaled = len(_replica_counts(client)) == 2  # the added replica answered
+        stop.set()
+        for w in workers:
+            w.join(60)
+        assert scaled, f"no second replica served: {_replica_counts(client)}, {_replicas_running()}"
+        assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+    finally:
+        stop.set()
+        _stop(client)
+
+
+@pytest.fixture(scope="module")
+def server(cluster, world):
+    """``opad serve --ray ADDRESS --replicas 2``."""
+    client = _start(cluster, world, "--replicas", "2")
+    try:
         yield client
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0, "".join(lines[-30:])
+        _stop(client)
 
 
 def _replica_counts(server) -> dict[str, float]:

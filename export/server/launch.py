@@ -82,6 +82,8 @@ def _check_ray_args(args: argparse.Namespace) -> None:
             raise OpadError(f"{flag} must be at least 1, got {value}")
     if low is not None and high < low:
         raise OpadError(f"--max-replicas ({high}) is below --min-replicas ({low})")
+    if getattr(args, "upscale_delay_s", 0) < 0:
+        raise OpadError(f"--upscale-delay-s must be 0 or more, got {args.upscale_delay_s:g}")
 
 
 def choose_backend(args: argparse.Namespace) -> str:
@@ -161,6 +163,7 @@ def _ray_app(args: argparse.Namespace, backend: str, settings):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     ray_backend = start_replicas(args.ray, partial(build_runner, args, backend), args.concepts, settings,
                                  replicas=args.replicas, min_replicas=args.min_replicas,
+                                 upscale_delay_s=args.upscale_delay_s,
                                  max_replicas=args.max_replicas, gpu_wanted=args.device != "cpu")
     log.info("backend %s on Ray Serve replicas, %d px, steps %s; models: %s", backend, ray_backend.resolution,
              ",".join(map(str, ray_backend.steps)), ", ".join(ray_backend.known_models))

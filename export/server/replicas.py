@@ -119,7 +119,7 @@ def _import_ray():
 
 
 def deployment_options(replicas: int | None, min_replicas: int | None, max_replicas: int | None,
-                       settings: Settings, gpu: bool) -> dict:
+                       settings: Settings, gpu: bool, upscale_delay_s: float = 30.0) -> dict:
     """Fixed ``replicas``, or autoscaling between the bounds on the requests each replica has (target:
     one full batch); a replica takes up to ``settings.queue`` requests and the handle queues as many."""
     env = {name: os.environ[name] for name in ENV if name in os.environ}  # the preset and cache of this process
@@ -130,14 +130,16 @@ def deployment_options(replicas: int | None, min_replicas: int | None, max_repli
     if min_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": min_replicas, "max_replicas": max_replicas,
                                          "initial_replicas": min_replicas,
-                                         "target_ongoing_requests": settings.max_batch}
+                                         "target_ongoing_requests": settings.max_batch,
+                                         "upscale_delay_s": upscale_delay_s}
     else:
         options["num_replicas"] = replicas or 1
     return options
 
 
 def start_replicas(address: str, make_runner, concepts: str | None, settings: Settings, *, replicas: int | None,
-                   min_replicas: int | None, max_replicas: int | None, gpu_wanted: bool) -> RayBackend:
+                   min_replicas: int | None, max_replicas: int | None, gpu_wanted: bool,
+                   upscale_delay_s: float = 30.0) -> RayBackend:
     """Join the Ray cluster at ``address``, run the replicas (waiting until they are warm), and the
     backend over them."""
     ray, serve = _import_ray()
@@ -148,7 +150,7 @@ def start_replicas(address: str, make_runner, concepts: str | None, settings: Se
             raise OpadError(f"--ray {address}: no Ray cluster to join ({first_line(e)}); start one with "
                             "'ray start --head' (see docs/cluster.md)") from e
     gpu = gpu_wanted and ray.cluster_resources().get("GPU", 0) >= 1
-    options = deployment_options(replicas, min_replicas, max_replicas, settings, gpu)
+    options = deployment_options(replicas, min_replicas, max_replicas, settings, gpu, upscale_delay_s)
     serve.start(proxy_location="Disabled")  # the front is this process's uvicorn, not Serve's proxy
     deployment = serve.deployment(Replica, name="Replica").options(**options)
     log.info("starting the replicas on Ray (%s) ...", ", ".join(f"{k}={v}" for k, v in options.items()
