@@ -9,6 +9,15 @@ from pathlib import Path
 
 from opad.fsutil import staged_dir
 
+# what decides the models and caches a process sees: passed on to the processes a command starts elsewhere
+# (a job's trainer, a Ray task, a Ray Serve replica)
+FORWARDED_PREFIXES = ("OPAD_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's environment variables that decide which preset, cache and hub mode a child uses."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
 
 def cache_root() -> Path:
     """Where opad keeps generated files: ``$OPAD_CACHE`` or ``~/.cache/opad``."""

@@ -28,7 +28,7 @@ from opad.concept.community import (
     write_embedding,
     write_kohya,
 )
-from opad.concept.factor import FACTORABLE, ConceptDeltas, concept_deltas, factor
+from opad.concept.factor import ConceptDeltas, check_factorable, concept_deltas, factor
 from opad.concept.folder import META_NAME, WEIGHTS_NAME, read_description
 from opad.concept.tokens import write_token_rows
 from opad.errors import OpadError, command_main, warn
@@ -98,10 +98,7 @@ def _check_concept(concept: Path) -> dict:
     if not (concept / META_NAME).is_file() and not (concept / WEIGHTS_NAME).is_file():
         raise OpadError(f"{concept} is not a concept folder: it has neither {META_NAME} nor {WEIGHTS_NAME}")
     description = read_description(concept)
-    if description["format"] not in FACTORABLE:
-        raise OpadError(f"{concept} is a {description['format']} concept: it changes every UNet weight "
-                        "(convolutions and norms too), which a LoRA file cannot carry exactly; only "
-                        f"{', '.join(FACTORABLE)} concepts convert")
+    check_factorable(concept, description["format"])
     return description
 
 

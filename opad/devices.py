@@ -22,6 +22,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def visible_gpus() -> int:
+    """How many CUDA GPUs this process sees (0 without a usable CUDA): one job per GPU."""
+    try:
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a broken CUDA install counts as none
+        return 0
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` means float16 on CUDA and float32 elsewhere."""
     if name == "auto":

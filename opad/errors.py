@@ -19,6 +19,13 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def cause_line(lines: list[str]) -> str:
+    """The line that says why a command failed, from its output: its first ``error:`` line (the cause;
+    later ones only say which step failed), else its last line."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    return next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "no output")
+
+
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr: the run goes on."""
     print(f"warning: {message}", file=sys.stderr)

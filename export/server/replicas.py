@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 
 from opad.export.server.app import Generated, Settings, _png_b64, model_not_found, queue_full, timed_out
@@ -26,11 +25,11 @@ from opad.export.server.concept_store import BASE, ConceptStore, is_plain_name
 from opad.export.server.metrics import Metrics
 from opad.export.server.request import ApiError, GenerationRequest
 
+from opad.cache import forwarded_env
 from opad.errors import OpadError, first_line
 
 log = logging.getLogger("opad.serve")
 APP = "opad"  # the Ray Serve application's name
-ENV = ("OPAD_PRESET", "OPAD_CACHE", "HF_HOME", "HF_HUB_OFFLINE")  # passed on to the replicas
 RECHECK_S = 2.0  # a replica checks a served concept's files again after this long (a rewritten one reloads)
 
 
@@ -122,7 +121,7 @@ def deployment_options(replicas: int | None, min_replicas: int | None, max_repli
                        settings: Settings, gpu: bool, upscale_delay_s: float = 30.0) -> dict:
     """Fixed ``replicas``, or autoscaling between the bounds on the requests each replica has (target:
     one full batch); a replica takes up to ``settings.queue`` requests and the handle queues as many."""
-    env = {name: os.environ[name] for name in ENV if name in os.environ}  # the preset and cache of this process
+    env = forwarded_env()  # the preset, cache and hub mode of this process
     actor = {"num_gpus": 1} if gpu else {"num_cpus": 1}
     options = {"max_ongoing_requests": settings.queue, "max_queued_requests": settings.queue,
                "ray_actor_options": {**actor, **({"runtime_env": {"env_vars": env}} if env else {})},

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from opad.concept.folder import LORA_NAME, load_concept, read_description
-from opad.concept.lora import check_lora
+from opad.concept.lora import check_lora, split_key
 from opad.concept.tokens import token_rows
 from opad.errors import OpadError
 from opad.models.attention import cross_attention_layers
@@ -43,18 +43,20 @@ def _changed_linear(format: str, concept_dir: Path, bundle: ModelBundle) -> dict
         return {name: min(m.weight.shape) for name, m in linear.items()}
     if format == "lora":
         lora = check_lora(concept_dir / LORA_NAME, unet)
-        ranks = {}
-        for key, value in lora.state.items():
-            if key.endswith((".lora.down.weight", ".lora_A.weight")):
-                module = next(m for m in lora.modules if key.startswith(f"unet.{m}.lora"))
-                ranks[module] = min(value.shape[0], *unet.get_submodule(module).weight.shape)
-        return ranks
-    if format == "textual-inversion":
-        return {}
-    raise OpadError(
-        f"{concept_dir} is a {format} concept: it changes every UNet weight (convolutions and norms too), which "
-        f"a LoRA file cannot carry exactly; only {', '.join(FACTORABLE)} concepts convert (to extract an "
-        "approximate LoRA from a whole fine-tuned UNet, use kohya's networks/extract_lora_from_models.py)")
+        downs = [(split_key(lora.path, key), value) for key, value in lora.state.items()]
+        return {module: min(down.shape[0], *unet.get_submodule(module).weight.shape)
+                for (module, kind), down in downs if kind == "down"}
+    check_factorable(concept_dir, format)
+    return {}  # textual-inversion: only token rows
+
+
+def check_factorable(concept_dir: Path, format: str) -> None:
+    """Refuse, in one line, a concept whose changes a LoRA file cannot carry exactly."""
+    if format not in FACTORABLE:
+        raise OpadError(
+            f"{concept_dir} is a {format} concept: it changes every UNet weight (convolutions and norms too), "
+            f"which a LoRA file cannot carry exactly; only {', '.join(FACTORABLE)} concepts convert (to extract an "
+            "approximate LoRA from a whole fine-tuned UNet, use kohya's networks/extract_lora_from_models.py)")
 
 
 def concept_deltas(concept_dir: str | Path, bundle: ModelBundle) -> ConceptDeltas:

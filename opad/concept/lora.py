@@ -65,7 +65,7 @@ class CheckedLora:
     modules: list[str]  # the UNet modules it adapts
 
 
-def _split_key(path: Path, key: str) -> tuple[str, str]:
+def split_key(path: Path, key: str) -> tuple[str, str]:
     """(module name, "down" or "up") of a file key."""
     if not key.startswith(f"{PREFIX}."):
         raise OpadError(f"{path}: key {key!r} is not a UNet LoRA weight (only the UNet's, '{PREFIX}.*', "
@@ -110,7 +110,7 @@ def check_lora(path: Path, unet: UNet2DConditionModel) -> CheckedLora:
         raise OpadError(f"{path} holds no weights")
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in state.items():
-        module, kind = _split_key(path, key)
+        module, kind = split_key(path, key)
         pairs.setdefault(module, {})[kind] = (key, value)
     ranks = {}
     for module, pair in pairs.items():

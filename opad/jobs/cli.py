@@ -46,15 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable CUDA
-        return 0
-
-
 class Progress:
     """One line per job state change (stderr; with --json also a JSON object on stdout) and the summary."""
 
@@ -108,7 +99,9 @@ def _make_runner(args: argparse.Namespace):
 
     if args.ray is not None:
         return RayRunner(args.ray, args.retries, args.cpus_per_job)
-    gpus = _visible_gpus()
+    from opad.devices import visible_gpus  # torch only when it is needed
+
+    gpus = visible_gpus()
     return LocalRunner(args.parallel or max(1, gpus), args.retries, gpus)
 
 
@@ -143,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} not to run, {len(todo)} to run {runner.describe()}",
           file=sys.stderr)
     token = uuid.uuid4().hex
-    from opad.jobs.runner import forwarded_env
+    from opad.cache import forwarded_env
 
     env = forwarded_env()
     payloads = []

@@ -24,20 +24,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from opad.errors import OpadError, first_line
+from opad.errors import OpadError, cause_line, first_line
 from opad.fsutil import write_json
 from opad.jobs import state
-
-# environment the command passes to every attempt (presets, caches, offline mode decide what a job runs)
-FORWARD_PREFIXES = ("OPAD_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
 
 
 class JobLost(Exception):
     """The attempt's trainer was killed or preempted: retry the job (it resumes from its checkpoint)."""
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
 
 
 try:  # bound here, in the parent: the child only makes the one call
@@ -57,8 +50,7 @@ def _error_line(log: Path, start: int) -> str:
     """The first ``error:`` line this attempt wrote to the log (the cause), else its last line."""
     with log.open("rb") as f:
         f.seek(start)
-        lines = [ln.strip() for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
-    return next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "the trainer wrote nothing")
+        return cause_line(f.read().decode(errors="replace").replace("\r", "\n").splitlines())
 
 
 def attempt(payload: dict, gpu: int | None = None) -> dict:

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from opad.errors import OpadError
+from opad.errors import OpadError, cause_line
 from opad.evaluation.reproduce.plan import ARMS, METRICS, WORLD_NOTE, Arm, check_args, job_dir
 from opad.evaluation.reproduce.tables import write_grids, write_table
 from opad.presets import run_teacher
@@ -148,9 +148,7 @@ def _job_process(job: Path, argv: list[str], env: dict[str, str]) -> tuple[int, 
         code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     if code == 0 and (job / "done.json").is_file():
         return code, None
-    lines = (job / "log.txt").read_text(errors="replace").splitlines()
-    # the first error line is the cause (the job's own line that follows only says which step failed)
-    error = next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "no output")
+    error = cause_line((job / "log.txt").read_text(errors="replace").splitlines())
     (job / "failed.json").write_text(json.dumps({"exit_code": code, "error": error, "log": str(job / "log.txt")}))
     return code, error
 
@@ -196,7 +194,8 @@ def _without_ray(argv: list[str]) -> list[str]:
 
 def _on_ray(args: argparse.Namespace, argv: list[str], todo: list[tuple[str, str, int]]) -> None:
     """Every job a task on the Ray cluster at ``args.ray`` (the runner of ``opad jobs --ray``)."""
-    from opad.jobs.runner import RayRunner, forwarded_env
+    from opad.cache import forwarded_env
+    from opad.jobs.runner import RayRunner
 
     runner = RayRunner(args.ray, retries=args.retries, cpus=1.0, work=ray_job)
     print(f"running {len(todo)} jobs {runner.describe()}", file=sys.stderr)
@@ -228,15 +227,6 @@ def _in_process(args: argparse.Namespace, subject: str, arm: str, seed: int) -> 
     return None
 
 
-def _visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable CUDA: run on one device
-        return 0
-
-
 def run_harness(args: argparse.Namespace, argv: list[str]) -> Path:
     plan = check_args(args)
     out = Path(args.out)
@@ -244,7 +234,9 @@ def run_harness(args: argparse.Namespace, argv: list[str]) -> Path:
     todo = [j for j in jobs if not (job_dir(out, *j) / "done.json").is_file()]
     print(f"{len(jobs)} jobs ({len(plan.subjects)} subjects x {len(plan.arms)} methods x {len(plan.train_seeds)} "
           f"training seeds); {len(jobs) - len(todo)} done before, {len(todo)} to run", file=sys.stderr)
-    gpus = args.gpus if args.gpus is not None else _visible_gpus()
+    from opad.devices import visible_gpus  # torch only when it is needed
+
+    gpus = args.gpus if args.gpus is not None else visible_gpus()
     slots = list(range(gpus)) if gpus > 1 else [None]
     free = list(slots)
 
